@@ -1,0 +1,219 @@
+"""Policy update on the LoRA parameters: clipped PPO as in DDPO (hero_spec 7.5), and the D3PO loss
+(Yang et al. 2024) for the baseline.
+
+PPO, per stored transition (sample i, timestep t) with advantage A_i:
+
+    rho = exp(log pi_theta(x_t' | x_t) - log pi_old(x_t' | x_t))
+    L = mean max(-A rho, -A clip(rho, 1 - c, 1 + c)),        c = 1e-4
+
+Each sample trains ``k`` distinct random timesteps of its chain (HERO: 5 of 50); gradients are
+accumulated over ``grad_accum * k`` backward passes, then clipped to ``max_grad_norm`` and AdamW
+(state kept across rounds) steps.
+
+D3PO, per (good w, bad l) pair and timestep t, with the sampling policy as reference:
+
+    L = -log sigmoid(beta * [(log pi_theta(w) - log pi_old(w)) - (log pi_theta(l) - log pi_old(l))])
+
+A non-finite loss or gradient rejects the whole update: the parameters and optimizer state are
+restored and ``UpdateRejected`` says what happened and what to change.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .sampling import Denoiser, Trajectory, trajectory_log_prob
+
+__all__ = ["PolicyConfig", "PolicyOptimizer", "ppo_update", "d3po_update", "UpdateRejected"]
+
+
+class UpdateRejected(RuntimeError):
+    """The update produced NaN/inf; the previous LoRA and optimizer state were kept."""
+
+
+@dataclass
+class PolicyConfig:
+    lr: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    train_batch_size: int = 2
+    grad_accum: int = 4
+    timesteps_per_sample: int = 5
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    max_grad_norm: float = 1.0
+    d3po_beta: float = 0.1
+    mixed_precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere; "no" | "fp16" | "bf16"
+
+
+class PolicyOptimizer:
+    """AdamW over the LoRA parameters (ordered by name, so its state can be saved and restored)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], config: PolicyConfig):
+        if not params:
+            raise ValueError("no trainable LoRA parameters were given to the policy optimizer")
+        self.names = sorted(params)
+        self.params = [params[n] for n in self.names]
+        self.config = config
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr,
+                                     betas=(config.adam_beta1, config.adam_beta2),
+                                     weight_decay=config.weight_decay, eps=config.adam_eps)
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["names"]) != self.names:
+            raise ValueError("the saved policy optimizer belongs to a different set of LoRA "
+                             "parameters (rank or target layers changed); start a new session")
+        self.opt.load_state_dict(sd["opt"])
+
+    def snapshot(self) -> tuple[list[Tensor], dict]:
+        return [p.detach().clone() for p in self.params], copy.deepcopy(self.opt.state_dict())
+
+    def restore(self, snap: tuple[list[Tensor], dict]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, snap[0]):
+                p.copy_(v)
+        self.opt.load_state_dict(snap[1])
+
+
+def _autocast(config: PolicyConfig, device: torch.device):
+    mp = config.mixed_precision
+    if mp == "auto":
+        mp = "fp16" if device.type == "cuda" else "no"
+    if mp == "no":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
+
+
+def _train_plan(n: int, T: int, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Shuffled sample order [n] and, per sample, k distinct timestep indices [n, k]."""
+    if not 1 <= k <= T:
+        raise ValueError(f"timesteps_per_sample must be in 1..{T} (the number of sampling steps), "
+                         f"got {k}")
+    order = torch.randperm(n, generator=generator)
+    steps = torch.stack([torch.randperm(T, generator=generator)[-k:].flip(0) for _ in range(n)])
+    return order, steps
+
+
+def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
+                    backward_fn: Callable[[int], dict], callback=None) -> dict:
+    """Run ``backward_fn(j)`` for j < n_backward, stepping every ``per_step`` backwards.
+    Restores the previous state and raises ``UpdateRejected`` on a non-finite loss or grad."""
+    cfg = popt.config
+    snap = popt.snapshot()
+    popt.opt.zero_grad(set_to_none=True)
+    stats: dict[str, list[float]] = {}
+    steps = 0
+    try:
+        for j in range(n_backward):
+            out = backward_fn(j)
+            for key, v in out.items():
+                stats.setdefault(key, []).append(float(v))
+            if not math.isfinite(out["loss"]):
+                raise UpdateRejected("policy loss became NaN/inf")
+            last = j == n_backward - 1
+            if (j + 1) % per_step == 0 or last:
+                norm = torch.nn.utils.clip_grad_norm_(popt.params, cfg.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise UpdateRejected("policy gradient became NaN/inf")
+                popt.opt.step()
+                popt.opt.zero_grad(set_to_none=True)
+                steps += 1
+                if not all(torch.isfinite(p).all() for p in popt.params):
+                    raise UpdateRejected("LoRA weights became NaN/inf")
+            if callback is not None:
+                callback(j + 1, n_backward)
+    except UpdateRejected as e:
+        popt.restore(snap)
+        raise UpdateRejected(f"{e}; the update was rejected and the previous LoRA kept. "
+                             f"Lower the learning rate (now {cfg.lr:g}) or use fp32 training, "
+                             f"then train the round again (its marks are saved).") from None
+    res = {k: sum(v) / len(v) for k, v in stats.items()}
+    res["optimizer_steps"] = steps
+    res["backward_passes"] = n_backward
+    return res
+
+
+def ppo_update(denoiser: Denoiser, traj: Trajectory, advantages: Tensor, popt: PolicyOptimizer,
+               generator: torch.Generator, callback: Optional[Callable[[int, int], None]] = None
+               ) -> dict:
+    """One PPO epoch over the round's trajectories (hero_spec 7.5). Returns mean loss, ratio,
+    clip fraction, approx KL, and the step counts."""
+    cfg = popt.config
+    n, T = traj.log_probs.shape
+    if advantages.shape != (n,):
+        raise ValueError(f"need one advantage per trajectory ({n}), got {tuple(advantages.shape)}")
+    k = min(cfg.timesteps_per_sample, T)
+    order, steps = _train_plan(n, T, k, generator)
+    bs = cfg.train_batch_size
+    mbs = [order[s:s + bs] for s in range(0, n, bs)]
+    adv = advantages.float().clamp(-cfg.adv_clip, cfg.adv_clip)
+    dev = traj.latents.device
+
+    def backward(j: int) -> dict:
+        mb, kk = mbs[j // k], j % k
+        step_idx = steps[mb, kk]
+        with _autocast(cfg, dev):
+            logp = trajectory_log_prob(denoiser, traj, mb, step_idx)
+        old = traj.log_probs[mb, step_idx].to(logp.device)
+        a = adv[mb].to(logp.device)
+        ratio = torch.exp(logp.float() - old)
+        unclipped = -a * ratio
+        clipped = -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
+        loss = torch.maximum(unclipped, clipped).mean()
+        (loss / (cfg.grad_accum * k)).backward()
+        return {"loss": loss.item(), "ratio": ratio.mean().item(),
+                "clipfrac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
+                "approx_kl": (0.5 * (logp.float() - old) ** 2).mean().item()}
+
+    return _optimizer_loop(popt, len(mbs) * k, cfg.grad_accum * k, backward, callback)
+
+
+def d3po_pairs(good: list[int], bad: list[int], n_pairs: int, generator: torch.Generator
+               ) -> tuple[Tensor, Tensor]:
+    """(preferred, rejected) batch-index pairs, drawn uniformly from good x bad."""
+    w = torch.tensor(good)[torch.randint(len(good), (n_pairs,), generator=generator)]
+    l_ = torch.tensor(bad)[torch.randint(len(bad), (n_pairs,), generator=generator)]
+    return w, l_
+
+
+def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list[int],
+                popt: PolicyOptimizer, generator: torch.Generator,
+                callback: Optional[Callable[[int, int], None]] = None) -> dict:
+    """One D3PO epoch over len(traj)/2 (good, bad) pairs, ``k`` shared timesteps per pair."""
+    cfg = popt.config
+    n, T = traj.log_probs.shape
+    if not good or not bad:
+        raise ValueError("D3PO needs at least one good and one bad image")
+    k = min(cfg.timesteps_per_sample, T)
+    n_pairs = max(1, n // 2)
+    w, l_ = d3po_pairs(good, bad, n_pairs, generator)
+    steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_pairs)])
+    bs = max(1, cfg.train_batch_size // 2)
+    mbs = [torch.arange(s, min(s + bs, n_pairs)) for s in range(0, n_pairs, bs)]
+    dev = traj.latents.device
+
+    def backward(j: int) -> dict:
+        pi, kk = mbs[j // k], j % k
+        step_idx = steps[pi, kk]
+        idx = torch.cat([w[pi], l_[pi]])
+        with _autocast(cfg, dev):
+            logp = trajectory_log_prob(denoiser, traj, idx, step_idx.repeat(2))
+        old = traj.log_probs[idx, step_idx.repeat(2)].to(logp.device)
+        diff = logp.float() - old
+        m = len(pi)
+        margin = cfg.d3po_beta * (diff[:m] - diff[m:])
+        loss = -torch.nn.functional.logsigmoid(margin).mean()
+        (loss / (cfg.grad_accum * k)).backward()
+        return {"loss": loss.item(), "margin": margin.mean().item()}
+
+    return _optimizer_loop(popt, len(mbs) * k, cfg.grad_accum * k, backward, callback)
