@@ -140,7 +140,7 @@ class RepresentationTrainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
         self.net.eval()
         return losses
 
