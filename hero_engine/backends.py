@@ -1,0 +1,113 @@
+"""Standalone backend: a diffusers ``UNet2DConditionModel`` with a peft LoRA (the toy model, a
+diffusers SD pipeline's UNet). The ComfyUI backend lives in ``nodes/host.py``."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import lora as lora_mod
+from .policy import PolicyOptimizer
+from .sampling import DDIMSchedule, Denoiser, sample_with_logprob
+from .session import Session
+
+__all__ = ["DiffusersBackend", "cfg_denoiser"]
+
+
+def cfg_denoiser(unet, cond: Tensor, uncond: Tensor, cfg: float) -> Denoiser:
+    """eps_hat = eps(x, t, "") + cfg (eps(x, t, c) - eps(x, t, "")), one batched UNet call.
+    ``cond`` is [1 or N, L, D]; the sample's ``index`` picks its row when there are N."""
+
+    def denoiser(x: Tensor, t: Tensor, alpha_bar: Tensor, index: Tensor) -> Tensor:
+        b = x.shape[0]
+        c = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond[index.to(cond.device)]
+        u = uncond.expand(b, -1, -1)
+        dtype = next(unet.parameters()).dtype
+        out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
+                   encoder_hidden_states=torch.cat([u, c]).to(dtype)).sample.float()
+        eps_u, eps_c = out.chunk(2)
+        return eps_u + cfg * (eps_c - eps_u)
+
+    return denoiser
+
+
+class DiffusersBackend:
+    """Drives the engine on a diffusers UNet. ``encode_prompts(list[str]) -> [B, L, D]``;
+    ``decode(latents) -> images [B, 3, H, W] in [0, 1]``."""
+
+    def __init__(self, unet, encode_prompts: Callable[[list[str]], Tensor],
+                 decode: Callable[[Tensor], Tensor], alphas_cumprod: Tensor,
+                 latent_shape: tuple[int, ...], prompts: list[str], cfg: float,
+                 rank: int = 4, alpha: float = 4.0, family: str = "toy", device="cpu",
+                 lora_seed: int = 0):
+        self.unet = unet.to(device)
+        self.unet.requires_grad_(False)
+        self.encode_prompts = encode_prompts
+        self.decode = decode
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod)
+        self.latent_shape = tuple(latent_shape)
+        self.prompts = list(prompts)
+        self.cfg = cfg
+        self.family = family
+        self.device = torch.device(device)
+        lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed)
+        self._initial = self.lora_state()
+        with torch.no_grad():
+            self._cond = encode_prompts(self.prompts).to(self.device)
+            self._uncond = encode_prompts([""]).to(self.device)
+
+    # -- LoRA state
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unet.named_parameters() if ".lora_" in n}
+
+    def lora_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().float().clone() for n, p in self.lora_parameters().items()}
+
+    def load_lora_state(self, state: Optional[dict[str, Tensor]]) -> None:
+        """Load a session's LoRA (``None``: back to the initial LoRA, B = 0)."""
+        state = self._initial if state is None else state
+        params = self.lora_parameters()
+        if set(state) != set(params):
+            raise ValueError("the session's LoRA does not fit this model (different rank or "
+                             "target layers); use the model and settings the session was made with")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def load_session(self, session: Session) -> None:
+        self.load_lora_state(session.load_state().get("lora"))
+
+    def policy_optimizer(self, session: Session) -> PolicyOptimizer:
+        popt = PolicyOptimizer(self.lora_parameters(), session.config.policy)
+        st = session.load_state()
+        if "policy_opt" in st:
+            popt.load_state_dict(st["policy_opt"])
+        return popt
+
+    # -- sampling
+    def schedule(self, steps: int) -> DDIMSchedule:
+        return DDIMSchedule.from_alphas_cumprod(self.alphas_cumprod, steps)
+
+    def denoiser(self, prompts: Optional[list[str]] = None) -> Denoiser:
+        cond = self._cond if prompts is None else self.encode_prompts(prompts).to(self.device)
+        return cfg_denoiser(self.unet, cond, self._uncond, self.cfg)
+
+    @torch.no_grad()
+    def sample_fresh(self, n: int, steps: int, seed: int, eta: float = 1.0,
+                     prompts: Optional[list[str]] = None, micro_batch: int = 64) -> Tensor:
+        """Images from fresh N(0, I) noise (no feedback guidance): the evaluation protocol."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((n, *self.latent_shape), generator=g)
+        den = self.denoiser(prompts)
+        out = []
+        for s in range(0, n, micro_batch):
+            idx = torch.arange(s, min(n, s + micro_batch))
+            tr = sample_with_logprob(den, x[idx].to(self.device), self.schedule(steps), eta,
+                                     generator=g, index=idx.to(self.device) % len(self._cond))
+            out.append(self.decode(tr.x0).float().clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    # -- export
+    def lora_export_state(self) -> "lora_mod.LoraState":
+        return lora_mod.state_from_peft(self.unet, family=self.family)

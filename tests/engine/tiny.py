@@ -1,0 +1,54 @@
+"""A tiny diffusers UNet backend for engine tests (random weights, built from a config)."""
+import zlib
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from hero_engine.backends import DiffusersBackend
+from hero_engine.feedback import SimulatedEvaluator
+from hero_engine.session import HeroConfig
+from hero_engine.policy import PolicyConfig
+from hero_engine.representation import RepresentationConfig
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4)
+
+
+def encode(prompts):
+    out = []
+    for p in prompts:
+        g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+        out.append(torch.randn(4, 16, generator=g))
+    return torch.stack(out)
+
+
+def decode(x):
+    return torch.sigmoid(x[:, :3] * 2)
+
+
+def tiny_backend(seed=0):
+    ac = torch.cumprod(1 - torch.linspace(0.00085, 0.012, 1000), 0)
+    return DiffusersBackend(tiny_unet(seed), encode, decode, ac, (4, 8, 8), ["a red thing"],
+                            cfg=3.0, rank=2, alpha=2.0, family="toy")
+
+
+def tiny_config(**kw):
+    base = dict(batch_size=6, steps=4, budget=18, seed=0,
+                policy=PolicyConfig(lr=1e-3, timesteps_per_sample=2, grad_accum=2),
+                representation=RepresentationConfig(epochs=5, lr=1e-4))
+    base.update(kw)
+    return HeroConfig(**base)
+
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+
+def evaluator():
+    return SimulatedEvaluator(redness, threshold=0.0)
