@@ -53,6 +53,7 @@ __all__ = [
 FAMILIES = ("sd15", "sdxl", "toy")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_UNET = "lora_unet_"
+_HEADER_KEY = "__hero_lora_header__"
 
 # family -> (ss_base_model_version, modelspec.architecture, modelspec.implementation, resolution)
 _FAMILY_META = {
@@ -121,6 +122,38 @@ class LoraState:
             raise LoraFormatError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
         self.modules = OrderedDict(self.modules)
         self.rank = int(self.rank)
+        for n, m in self.modules.items():
+            if m.rank != self.rank:
+                raise LoraFormatError(f"module {n!r} has rank {m.rank}, the state has rank {self.rank}")
+
+    @classmethod
+    def init(cls, shapes: Mapping[str, tuple], rank: int = 4, alpha: float = 4.0, family: str = "sd15",
+             kohya_names: Mapping[str, str] | None = None, seed: int | None = None) -> "LoraState":
+        """A fresh HERO LoRA: for each ``name -> (out, in)`` (the patched weight's shape), down ~ N(0, (1/r)^2),
+        up = 0, so W' = W + alpha/r * up @ down = W at the start. Used by the ComfyUI side, which
+        owns no peft model."""
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        st = cls(family=family, rank=rank)
+        for name, shape in shapes.items():
+            out_f, in_f = int(shape[0]), int(shape[1])
+            down = torch.randn(rank, in_f, generator=gen) / rank
+            st.add(name, LoraModule(down, torch.zeros(out_f, rank), alpha),
+                   (kohya_names or {}).get(name))
+        return st
+
+    def trainable(self) -> list:
+        """The down/up tensors as leaf tensors with requires_grad=True, in module order (down, up, ...)."""
+        out = []
+        for m in self.modules.values():
+            m.down = m.down.detach().requires_grad_(True)
+            m.up = m.up.detach().requires_grad_(True)
+            out += [m.down, m.up]
+        return out
+
+    @property
+    def name_map(self) -> dict:
+        """module name -> kohya prefix (alias of ``kohya_names``, as docs/engine_api.md calls it)."""
+        return self.kohya_names
 
     # mapping-ish helpers
     def __len__(self) -> int:
@@ -165,18 +198,20 @@ class LoraState:
 
     # session checkpoint (fp32, exact)
     def to_tensors(self) -> dict:
-        """Tensors for the session checkpoint: ``<name>.down``, ``<name>.up`` (fp32) and ``<name>.alpha``
-        (0-dim fp64, so any float alpha survives exactly). The names, order, family, rank and kohya names
-        are in ``header()`` (strings, for the safetensors ``__metadata__``)."""
+        """Tensors for the session checkpoint: ``<name>.down``, ``<name>.up`` (fp32), ``<name>.alpha``
+        (0-dim fp64, so any float alpha survives exactly) and ``__hero_lora_header__`` (uint8 JSON of
+        ``header()``: names, order, family, rank, kohya names), so the dict alone rebuilds the state."""
         out = {}
         for name, m in self.modules.items():
             out[f"{name}.down"] = m.down.detach().to("cpu", torch.float32).contiguous()
             out[f"{name}.up"] = m.up.detach().to("cpu", torch.float32).contiguous()
             out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float64)
+        raw = json.dumps(self.header()).encode("utf-8")
+        out[_HEADER_KEY] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
         return out
 
     def header(self) -> dict:
-        """String metadata that, with ``to_tensors()``, rebuilds this state exactly."""
+        """String metadata that, with the tensors of ``to_tensors()``, rebuilds this state exactly."""
         return {
             "hero_lora_format": "hero-lora-state/1",
             "hero_lora_family": self.family,
@@ -186,9 +221,14 @@ class LoraState:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> "LoraState":
-        """Inverse of ``to_tensors()`` / ``header()``."""
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None
+                     ) -> "LoraState":
+        """Inverse of ``to_tensors()`` (``header`` defaults to the embedded ``__hero_lora_header__``)."""
         try:
+            if header is None or "hero_lora_modules" not in header:
+                if _HEADER_KEY not in tensors:
+                    raise KeyError(_HEADER_KEY)
+                header = json.loads(bytes(tensors[_HEADER_KEY].to(torch.uint8).tolist()).decode("utf-8"))
             names = json.loads(header["hero_lora_modules"])
             kohya = json.loads(header.get("hero_lora_kohya_names", "{}"))
             family = header["hero_lora_family"]
@@ -533,7 +573,7 @@ def _meta_str(v) -> str:
 
 
 def _fmt_alpha(a: float) -> str:
-    return str(int(a)) if float(a).is_integer() else repr(float(a))
+    return str(float(a))  # as sd-scripts writes it ("4.0")
 
 
 def kohya_metadata(state: LoraState, metadata: Mapping | None = None, title: str | None = None) -> dict:

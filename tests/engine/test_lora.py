@@ -118,6 +118,24 @@ def test_delta_is_alpha_over_r_up_down():
         L.LoraState(family="sd3")
 
 
+def test_init_state_for_the_comfy_side():
+    shapes = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
+              "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768)}
+    kohya = L.names_from_map(shapes, None, "sdxl")
+    st = L.LoraState.init(shapes, rank=8, alpha=8.0, family="sdxl", kohya_names=kohya, seed=0)
+    m = st["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+    assert m.down.shape == (8, 768) and m.up.shape == (320, 8) and not m.up.any()
+    assert abs(m.down.std().item() - 1 / 8) < 0.01
+    assert st.name_map["input_blocks.1.1.transformer_blocks.0.attn2.to_k"] == \
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    params = st.trainable()
+    assert len(params) == 4 and all(p.requires_grad and p.is_leaf for p in params)
+    (st.delta("input_blocks.1.1.transformer_blocks.0.attn1.to_q").sum() + params[1].sum()).backward()
+    assert params[1].grad is not None
+    with pytest.raises(L.LoraFormatError, match="rank"):
+        L.LoraState(OrderedDict(a=L.LoraModule(torch.zeros(2, 3), torch.zeros(3, 2), 1.0)), "toy", 4)
+
+
 def test_session_checkpoint_roundtrip_is_exact(tmp_path):
     st = rand_state("toy", alpha=0.3)  # 0.3 is not exact in fp32: must still survive
     st.kohya_names[next(iter(st))] = "lora_unet_custom_name"
@@ -130,8 +148,11 @@ def test_session_checkpoint_roundtrip_is_exact(tmp_path):
         assert torch.equal(back[n].down, st[n].down) and torch.equal(back[n].up, st[n].up)
         assert back[n].alpha == 0.3 and back[n].down.dtype == torch.float32
     # the in-memory form too
-    again = L.LoraState.from_tensors(st.to_tensors(), st.header())
-    assert all(torch.equal(again.delta(n), st.delta(n)) for n in st)
+    for again in (L.LoraState.from_tensors(st.to_tensors(), st.header()), L.LoraState.from_tensors(st.to_tensors())):
+        assert list(again) == list(st) and again.kohya_names == st.kohya_names and again.family == "toy"
+        assert all(torch.equal(again.delta(n), st.delta(n)) and again[n].alpha == 0.3 for n in st)
+    with pytest.raises(L.LoraFormatError, match="header"):
+        L.LoraState.from_tensors({"a.down": torch.zeros(1, 1)})
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -225,6 +246,14 @@ def test_peft_state_roundtrip_reproduces_output(inputs):
     L.load_state_into_peft(other, st)  # creates the adapter on the state's modules
     torch.testing.assert_close(run(other, inputs), ref, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(ref, run(fresh_unet(SD15_CFG, base_sd), inputs), atol=1e-2)
+    # a state that does not fit the model is refused with the offending names
+    stray = st.clone()
+    stray.add("down_blocks.9.attentions.0.proj_in", L.LoraModule(torch.zeros(4, 8), torch.zeros(8, 4), 2.0))
+    with pytest.raises(L.LoraFormatError, match="down_blocks.9"):
+        L.load_state_into_peft(other, stray)
+    partial = L.LoraState(OrderedDict(list(st.items())[:3]), "sd15", 4)
+    with pytest.raises(L.LoraFormatError, match="have no module in the state"):
+        L.load_state_into_peft(other, partial)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -257,7 +286,7 @@ def test_export_kohya_layout_and_metadata(tmp_path):
     for key in REQUIRED_META:
         assert isinstance(md.get(key), str), key
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4"
-    assert float(md["ss_network_alpha"]) == 2.0 and md["ss_base_model_version"] == "sd_v1"
+    assert md["ss_network_alpha"] == "2.0" and md["ss_base_model_version"] == "sd_v1"
     assert md["modelspec.sai_model_spec"] == "1.0.1"
     assert md["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert md["modelspec.prediction_type"] == "epsilon" and md["modelspec.trigger_phrase"] == ""
