@@ -1,0 +1,162 @@
+"""A whole simulated HERO session on the toy model: the demo and the benchmark share it.
+
+Success is always measured on *fresh* N(0, I) samples of the current LoRA model with fixed
+evaluation seeds (hero_spec 11.11), never on the feedback-guided training batches.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import loop
+from .backends import DiffusersBackend
+from .feedback import SimulatedEvaluator
+from .policy import PolicyConfig
+from .representation import RepresentationConfig
+from .session import HeroConfig, Session
+
+__all__ = ["ExperimentSpec", "toy_backend", "toy_config", "evaluate", "run_experiment",
+           "diversity"]
+
+
+@dataclass
+class ExperimentSpec:
+    task: str = "colour"
+    method: str = "hero"
+    rounds: int = 8
+    batch_size: int = 64
+    seed: int = 0
+    eval_n: int = 128
+    eval_seed: int = 10_000
+    eval_every: int = 1           # measure success after every k rounds (0: only first and last)
+    steps: Optional[int] = None   # default: the toy model's
+    cfg: Optional[float] = None
+    lr: float = 1e-3
+    encoder_epochs: int = 500
+    score_fn: Optional[Callable[[Tensor, list], Tensor]] = None   # custom evaluator
+    threshold: Optional[float] = None
+    prompt: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def toy_backend(spec: ExperimentSpec, device="cpu"):
+    from .toy import TASKS, load_toy_model
+    toy = load_toy_model(device=device)
+    task = TASKS.get(spec.task)
+    prompt = spec.prompt or (task.prompt if task else None)
+    if prompt is None:
+        raise ValueError(f"unknown task {spec.task!r}: choose one of {sorted(TASKS)} or give "
+                         f"--prompt with --evaluator")
+    cfg = spec.cfg if spec.cfg is not None else toy.default_cfg
+    be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
+                          toy.latent_shape, [prompt], cfg=cfg, rank=4, alpha=4.0, family="toy",
+                          device=device, lora_seed=spec.seed)
+    return toy, task, be
+
+
+def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
+    return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg, budget=spec.rounds * spec.batch_size,
+                      max_rounds=spec.rounds, seed=spec.seed,
+                      policy=PolicyConfig(lr=spec.lr),
+                      representation=RepresentationConfig(epochs=spec.encoder_epochs)).validate()
+
+
+def evaluate(be: DiffusersBackend, score_fn, threshold: float, n: int, steps: int, seed: int,
+             prompt: str) -> dict:
+    imgs = be.sample_fresh(n, steps, seed)
+    scores = score_fn(imgs, [prompt] * n).float()
+    return {"success": (scores >= threshold).float().mean().item(),
+            "diversity": diversity(imgs), "images": imgs}
+
+
+def diversity(images: Tensor, max_n: int = 128) -> float:
+    """Mean pairwise RMS pixel distance of the samples (0 = all identical)."""
+    x = images[:max_n].flatten(1).float()
+    d = torch.cdist(x, x) / x.shape[1] ** 0.5
+    n = len(x)
+    return (d.sum() / max(1, n * (n - 1))).item()
+
+
+def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
+                   log: Callable[[str], None] = print, save_grids: bool = True,
+                   export: bool = False) -> dict:
+    """Run ``spec.rounds`` HERO rounds with a simulated evaluator; return every measurement."""
+    from .plots import image_grid
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    toy, task, be = toy_backend(spec, device)
+    steps = spec.steps or toy.default_steps
+    score_fn = spec.score_fn or task.score
+    threshold = spec.threshold if spec.threshold is not None else task.threshold
+    prompt = be.prompts[0]
+    sess_dir = out_dir / f"session-{spec.task}-{spec.method}-s{spec.seed}"
+    if sess_dir.exists():
+        import shutil
+        shutil.rmtree(sess_dir)
+    session = Session.create(sess_dir, toy_config(spec, steps, be.cfg), info={"task": spec.task, "prompt": prompt})
+    ev = SimulatedEvaluator(score_fn, threshold)
+
+    def measure(label: str) -> dict:
+        t = time.time()
+        r = evaluate(be, score_fn, threshold, spec.eval_n, steps, spec.eval_seed, prompt)
+        r["seconds"] = time.time() - t
+        return r
+
+    first = measure("before")
+    curve = [{"labels": 0, "round": 0, "success": first["success"], "good_rate": None,
+              "diversity": first["diversity"]}]
+    log(f"[{spec.task}/{spec.method}/s{spec.seed}] base success {first['success']:.3f} "
+        f"on {spec.eval_n} fresh samples")
+    if save_grids:
+        image_grid(first["images"][:64], 16).save(out_dir / "base_samples.png")
+
+    def query(batch):
+        best = session.best
+        marks, scores = ev.query(batch.images, [prompt] * batch.size,
+                                 None if best is None else best.score)
+        score = float(scores[marks.best]) if marks.best is not None else None
+        if save_grids:
+            image_grid(batch.images, 16, {"good": list(marks.good), "best": marks.best}, 2).save(
+                out_dir / f"round_{batch.round:02d}.png")
+        return marks, score
+
+    last = first
+    for r in range(spec.rounds):
+        t0 = time.time()
+        m = loop.run_round(session, be, query)
+        do_eval = (spec.eval_every and (r + 1) % spec.eval_every == 0) or r == spec.rounds - 1
+        point = {"labels": session.labels_used, "round": r + 1, "good_rate": m["good_rate"],
+                 "reward_std": m.get("reward_std"), "success": None, "diversity": None}
+        if do_eval:
+            last = measure(f"round {r}")
+            point.update(success=last["success"], diversity=last["diversity"])
+        curve.append(point)
+        succ = "" if point["success"] is None else f"success {point['success']:.3f}  "
+        log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
+            f"marks {session.labels_used}  good rate {m['good_rate']:.3f}  "
+            f"reward spread {m['reward_std']:.4f}  {succ}{time.time() - t0:.1f}s")
+    if save_grids:
+        image_grid(last["images"][:64], 16).save(out_dir / "final_samples.png")
+    result = {"task": spec.task, "method": spec.method, "seed": spec.seed, "prompt": prompt,
+              "eval_n": spec.eval_n, "batch_size": spec.batch_size, "steps": steps,
+              "cfg": be.cfg, "curve": curve, "success_before": first["success"],
+              "success_after": last["success"], "marks": session.labels_used,
+              "diversity_before": first["diversity"], "diversity_after": last["diversity"],
+              "session": str(sess_dir)}
+    if export:
+        from .lora import export_kohya
+        path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
+        export_kohya(be.lora_export_state(), path, metadata={
+            "hero_session_id": session.session_id, "hero_rounds": str(session.round),
+            "hero_marks_used": str(session.labels_used), "hero_prompts": json.dumps([prompt]),
+            "hero_task": spec.task})
+        result["lora"] = str(path)
+    (out_dir / f"result-{spec.task}-{spec.method}-s{spec.seed}.json").write_text(
+        json.dumps(result, indent=1))
+    return result
