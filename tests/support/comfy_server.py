@@ -110,7 +110,13 @@ with torch.no_grad():
             sd["cond_stage_model." + k] = rand_like(k, v)
     taesd = TAESD(latent_channels=4)
     for k, v in taesd.state_dict().items():
-        sd["first_stage_model." + k] = v.float()
+        if k in ("vae_scale", "vae_shift"):
+            t = torch.tensor(1.0 if k == "vae_scale" else 0.0)
+        elif v.ndim == 4:  # conv: fan-in init so the decoded images show structure, not flat grey
+            t = torch.randn_like(v.float()) * (1.5 / (v[0].numel() ** 0.5))
+        else:
+            t = torch.randn_like(v.float()) * 0.1
+        sd["first_stage_model." + k] = t
 sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 save_file(sd, sys.argv[2])
 print("params", sum(v.numel() for v in sd.values()))

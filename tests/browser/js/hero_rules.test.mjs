@@ -1,0 +1,51 @@
+// node --test tests/browser/js
+import test from "node:test";
+import assert from "node:assert/strict";
+import { MarkState, moveFocus } from "../../../web/js/hero_rules.js";
+
+test("round 0 needs good, bad and a best", () => {
+  const s = new MarkState(4);
+  assert.deepEqual(s.counts(), { good: 0, bad: 4, best: null });
+  assert.ok(s.problems().some((p) => p.includes("good")));
+  s.toggle(1);
+  assert.deepEqual(s.problems(), ["pick the best image (S or double-click)"]);
+  s.toggleBest(2);
+  assert.ok(s.valid);
+  assert.deepEqual(s.payload("t"), { token: "t", good: [1, 2], bad: [0, 3], best: 2 });
+});
+
+test("later rounds may keep the current best", () => {
+  const s = new MarkState(3, { hasCurrentBest: true });
+  s.toggle(0);
+  assert.ok(s.valid);
+  assert.equal(s.payload("x").best, null);
+});
+
+test("unmarking the best clears it; all good needs a bad", () => {
+  const s = new MarkState(3, { defaultMark: "good" });
+  s.toggleBest(1);
+  assert.ok(s.problems().includes("mark at least one image bad (B)"));
+  s.setGood(1, false);
+  assert.equal(s.best, null);
+  s.allGood();
+  assert.equal(s.counts().bad, 0);
+});
+
+test("undo restores each step", () => {
+  const s = new MarkState(3);
+  s.toggle(0); s.toggleBest(2); s.allGood();
+  assert.ok(s.undo());
+  assert.deepEqual(s.payload("t"), { token: "t", good: [0, 2], bad: [1], best: 2 });
+  s.undo(); s.undo();
+  assert.deepEqual(s.counts(), { good: 0, bad: 3, best: null });
+  assert.equal(s.undo(), false);
+});
+
+test("grid focus moves", () => {
+  assert.equal(moveFocus(0, "ArrowLeft", 4, 10), 0);
+  assert.equal(moveFocus(3, "ArrowRight", 4, 10), 4);
+  assert.equal(moveFocus(1, "ArrowDown", 4, 10), 5);
+  assert.equal(moveFocus(7, "ArrowDown", 4, 10), 7);
+  assert.equal(moveFocus(5, "ArrowUp", 4, 10), 1);
+  assert.equal(moveFocus(5, "End", 4, 10), 9);
+});
