@@ -1,0 +1,213 @@
+"""``python -m hero_engine bench``: feedback efficiency on the toy domain, HERO against baselines.
+
+For every (task, method, seed) a simulated session runs with a fixed mark budget; after every round
+success is measured on fresh N(0, I) samples (fixed evaluation seeds, the same for every method).
+Writes ``bench.json`` (every measurement), ``bench.md`` (the table) and ``bench_<task>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .experiment import ExperimentSpec, run_experiment
+
+METHODS = ["hero", "hero-no-guidance", "ddpo-binary", "d3po"]
+MILESTONES = (128, 256, 512)
+TARGETS = (0.5, 0.8)
+
+
+def load_evaluator(spec: str):
+    """``module:function`` -> f(images [B,3,H,W] in [0,1], prompts) -> scores [B]."""
+    if ":" not in spec:
+        raise SystemExit(f"--evaluator must be module:function, got {spec!r}")
+    mod, fn = spec.split(":", 1)
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"cannot load evaluator {spec!r}: {e}")
+    if not callable(f):
+        raise SystemExit(f"evaluator {spec!r} is not callable")
+    return f
+
+
+def success_at(curve: list[dict], marks: int) -> Optional[float]:
+    """Success measured at the last evaluation with at most ``marks`` labels."""
+    pts = [p for p in curve if p["success"] is not None and p["labels"] <= marks]
+    return pts[-1]["success"] if pts else None
+
+
+def marks_to_reach(curve: list[dict], target: float) -> Optional[int]:
+    for p in curve:
+        if p["success"] is not None and p["success"] >= target:
+            return p["labels"]
+    return None
+
+
+def _median(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _median_marks(vals, n_seeds):
+    """Median of marks-needed over seeds; a seed that never reached counts as infinity."""
+    vals = sorted(float("inf") if v is None else v for v in vals)
+    if not vals:
+        return None
+    m = statistics.median(vals)
+    return None if m == float("inf") or len(vals) < n_seeds else m
+
+
+def summarise(results: list[dict]) -> dict:
+    table = {}
+    for r in results:
+        table.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    summary = {}
+    for task, by_m in table.items():
+        summary[task] = {}
+        for method, runs in by_m.items():
+            n = len(runs)
+            row = {"seeds": n,
+                   "base": _median([r["success_before"] for r in runs]),
+                   "final": _median([r["success_after"] for r in runs]),
+                   "marks": max(r["marks"] for r in runs),
+                   "diversity_after": _median([r["diversity_after"] for r in runs]),
+                   "diversity_before": _median([r["diversity_before"] for r in runs])}
+            for m in MILESTONES:
+                row[f"success@{m}"] = _median([success_at(r["curve"], m) for r in runs])
+            for t in TARGETS:
+                row[f"marks_to_{int(t * 100)}"] = _median_marks(
+                    [marks_to_reach(r["curve"], t) for r in runs], n)
+            summary[task][method] = row
+        hero = summary[task].get("hero")
+        for method, row in summary[task].items():
+            for t in TARGETS:
+                k = f"marks_to_{int(t * 100)}"
+                if hero and hero[k] and row[k]:
+                    row[f"ratio_{int(t * 100)}"] = row[k] / hero[k]
+                elif hero and hero[k] and row[k] is None:
+                    row[f"ratio_{int(t * 100)}"] = float("inf")
+                else:
+                    row[f"ratio_{int(t * 100)}"] = None
+    return summary
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "—"
+    if v == float("inf"):
+        return "never"
+    if pct:
+        return f"{100 * v:.0f}%"
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [f"Median over {meta['seeds']} seed(s); success on {meta['eval_n']} fresh N(0, I) "
+             f"samples per point; {meta['batch_size']} marks per round, budget "
+             f"{meta['budget']} marks. 'never' = not reached within the budget.", ""]
+    head = ("| task | method | base | success@128 | @256 | @512 | final | marks to 50% | "
+            "marks to 80% | ×hero (80%) | diversity (before→after) |")
+    lines += [head, "|" + "---|" * 11]
+    for task, rows in summary.items():
+        for method, r in rows.items():
+            lines.append(
+                f"| {task} | {method} | {_fmt(r['base'], 1)} | {_fmt(r['success@128'], 1)} | "
+                f"{_fmt(r['success@256'], 1)} | {_fmt(r['success@512'], 1)} | "
+                f"{_fmt(r['final'], 1)} | {_fmt(r['marks_to_50'])} | {_fmt(r['marks_to_80'])} | "
+                f"{_fmt(r['ratio_80'])} | {r['diversity_before']:.3f}→{r['diversity_after']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], out: Path) -> list[Path]:
+    from .plots import line_plot
+    paths = []
+    for task in sorted({r["task"] for r in results}):
+        series = {}
+        for method in METHODS:
+            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            if not runs:
+                continue
+            labels = sorted({p["labels"] for r in runs for p in r["curve"] if p["success"] is not None})
+            ys = [_median([next((p["success"] for p in r["curve"] if p["labels"] == x
+                                 and p["success"] is not None), None) for r in runs])
+                  for x in labels]
+            series[method] = (labels, ys)
+        p = out / f"bench_{task}.png"
+        line_plot(series, title=f"toy task '{task}': success on fresh samples",
+                  xlabel="marks used", ylim=(0, 1), hlines={"80%": 0.8}).save(p)
+        paths.append(p)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    from .toy import TASKS
+    ap = argparse.ArgumentParser(prog="python -m hero_engine bench", description=__doc__)
+    ap.add_argument("--tasks", default=",".join(sorted(TASKS)))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--budget", type=int, default=512, help="marks per session")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--eval-n", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--quick", action="store_true",
+                    help="one task, hero vs ddpo-binary, one seed, 256 marks")
+    ap.add_argument("--evaluator", default=None, help="module:function scoring images")
+    ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
+    ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
+    ap.add_argument("--out", default="hero_out/bench")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
+    tasks = [t for t in a.tasks.split(",") if t]
+    methods = [m for m in a.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; choose from {METHODS}")
+    score_fn = None
+    if a.evaluator:
+        score_fn = load_evaluator(a.evaluator)
+        if a.threshold is None or a.prompt is None:
+            ap.error("--evaluator needs --threshold and --prompt")
+        tasks = ["custom"]
+    else:
+        for t in tasks:
+            if t not in TASKS:
+                ap.error(f"unknown task {t!r}; choose from {sorted(TASKS)}")
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    rounds = max(1, a.budget // a.batch_size)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    t0 = time.time()
+    for task in tasks:
+        for seed in seeds:
+            for method in methods:
+                spec = ExperimentSpec(task=task, method=method, rounds=rounds,
+                                      batch_size=a.batch_size, seed=seed, eval_n=a.eval_n,
+                                      steps=a.steps, lr=a.lr, score_fn=score_fn,
+                                      threshold=a.threshold, prompt=a.prompt)
+                results.append(run_experiment(spec, out / "runs", device=device,
+                                              save_grids=False))
+    meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
+            "budget": rounds * a.batch_size, "device": device, "seconds": time.time() - t0,
+            "argv": argv}
+    summary = summarise(results)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                "runs": results}, indent=1))
+    md = markdown(summary, meta)
+    (out / "bench.md").write_text(md)
+    plots = plot(results, out)
+    print(md)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, "
+          f"{', '.join(str(p) for p in plots)} in {time.time() - t0:.0f}s")
+    return 0
