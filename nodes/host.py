@@ -1,0 +1,594 @@
+"""The ComfyUI adapter: ComfyUI MODEL / CONDITIONING / VAE -> the engine's denoiser protocol.
+
+Everything that touches ComfyUI's sampling and training machinery lives here; the nodes in
+``nodes.py`` stay thin. Design (DESIGN.md decisions 3-5, comfyui_guide 2.3-2.7):
+
+* Sampling and the PPO update both run *inside* ComfyUI's own ``CFGGuider`` with a custom
+  ``comfy.samplers.Sampler`` (``_CallbackSampler``), so conds, CFG, ControlNets, hooks and model
+  patches are processed exactly as in a KSampler. The sampler hands ``model_wrap`` to the engine as
+  a :class:`hero_engine.sampling.Denoiser` (``make_denoiser``): VP latent x and abar ->
+  sigma = sqrt((1 - abar) / abar), x_k = x sqrt(1 + sigma^2), x0 = model_wrap(x_k, sigma),
+  eps = (x_k - x0) / sigma.
+* The LoRA lives on a ``model.clone()`` as ComfyUI weight wrappers (``add_weight_wrapper``):
+  trainable ``LoraWeightWrapper`` modules on attention to_q/to_k/to_v/to_out.0 and, for training,
+  identity copy wrappers on every other weight and bias (guide 2.3 "variant B": model weights are
+  inference tensors). The cached checkpoint model is never mutated.
+* The session keeps the LoRA as ``{"<ldm module>.down|up|alpha": tensor}`` (fp32, LDM module names
+  without ``diffusion_model.``); the kohya names (family-native) are computed from the model.
+* The MODEL that leaves HERO_Train / HERO_ApplyLoRA carries the LoRA as plain ``add_patches``
+  (the same path as LoraLoader), so any KSampler can use it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..hero_engine import loop as hero_loop
+from ..hero_engine.lora import (LoraModule, LoraState, export_kohya, invert_unet_to_diffusers,
+                                names_from_map)
+from ..hero_engine.policy import PolicyOptimizer
+from ..hero_engine.sampling import DDIMSchedule
+from ..hero_engine.session import Session, SessionError
+
+log = logging.getLogger("HERO")
+
+TARGET_SUFFIXES = (".to_q", ".to_k", ".to_v", ".to_out.0")
+DM = "diffusion_model."
+GENERATE_MICRO_BATCH = 8
+
+
+class HeroHostError(ValueError):
+    """A model, input or session that HERO cannot use here; the message says what and the fix."""
+
+
+# ---- model checks and names ------------------------------------------------------------------
+
+def _prediction_name(ms) -> str:
+    import comfy.model_sampling as cms
+    for name in ("EDM", "V_PREDICTION", "IMG_TO_IMG", "X0", "CONST", "EPS"):
+        cls = getattr(cms, name, None)
+        if cls is not None and isinstance(ms, cls):
+            return name
+    return type(ms).__name__
+
+
+def model_family(model) -> str:
+    """'sd15' or 'sdxl' for a supported ComfyUI MODEL, else HeroHostError naming the type."""
+    import comfy.model_sampling as cms
+    import comfy.supported_models as sm
+    if model is None or not hasattr(model, "model") or not hasattr(model, "get_model_object"):
+        raise HeroHostError(f"expected a ComfyUI MODEL (from Load Checkpoint), got "
+                            f"{type(model).__name__}")
+    base = model.model
+    mc = getattr(base, "model_config", None)
+    ms = model.get_model_object("model_sampling")
+    pred = _prediction_name(ms)
+    fam = None
+    in_ch = (getattr(mc, "unet_config", {}) or {}).get("in_channels", 4)
+    if mc is not None and in_ch == 4:
+        if isinstance(mc, sm.SDXL):
+            fam = "sdxl"
+        elif type(mc) is sm.SD15:
+            fam = "sd15"
+    what = f"{type(mc).__name__ if mc is not None else type(base).__name__} with {pred} prediction"
+    if fam is None:
+        raise HeroHostError(f"HERO supports SD1.5 and SDXL epsilon-prediction models; this MODEL is "
+                            f"{what} ({in_ch} input channels). Load an SD1.5 or SDXL checkpoint.")
+    if pred != "EPS" or not isinstance(ms, cms.ModelSamplingDiscrete):
+        raise HeroHostError(f"HERO supports SD1.5 and SDXL epsilon-prediction models with the "
+                            f"discrete DDPM schedule; this MODEL is {what} "
+                            f"({type(ms).__mro__[1].__name__} sampling). v-prediction, EDM, flow and "
+                            f"x0 models are not supported (remove ModelSampling* patches, or use an "
+                            f"eps checkpoint).")
+    return fam
+
+
+def lora_targets(model) -> list[str]:
+    """LDM module names (without ``diffusion_model.``) of the attention projections HERO trains."""
+    out = []
+    for name, m in model.model.diffusion_model.named_modules():
+        w = getattr(m, "weight", None)
+        if (name.endswith(TARGET_SUFFIXES) and hasattr(m, "weight_function") and w is not None
+                and w.dim() == 2):
+            out.append(name)
+    if not out:
+        raise HeroHostError("this MODEL has no attention projections (to_q/to_k/to_v/to_out.0) to "
+                            "put a LoRA on")
+    return out
+
+
+def kohya_names(model, family: str, names: list[str]) -> dict:
+    """LDM name -> family-native kohya prefix (SD1.5: diffusers name, SDXL: LDM name)."""
+    import comfy.utils
+    m = None
+    if family != "sdxl":
+        m = invert_unet_to_diffusers(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config))
+    return dict(names_from_map(names, m, family))
+
+
+def _module(model, name: str):
+    m = model.model.diffusion_model
+    for part in name.split("."):
+        m = getattr(m, part)
+    return m
+
+
+# ---- the session's LoRA ------------------------------------------------------------------------
+
+def initial_lora(model, names: list[str], rank: int, alpha: float, seed: int) -> dict:
+    """Round-0 LoRA: down ~ N(0, 1/r^2) (peft's 'gaussian' init), up = 0 (so delta W = 0)."""
+    g = torch.Generator().manual_seed(int(seed) * 7 + 12345)
+    out = {}
+    for n in names:
+        w = _module(model, n).weight
+        out[f"{n}.down"] = torch.randn(rank, w.shape[1], generator=g) / rank
+        out[f"{n}.up"] = torch.zeros(w.shape[0], rank)
+        out[f"{n}.alpha"] = torch.tensor(float(alpha), dtype=torch.float64)
+    return out
+
+
+def session_lora(session: Session, model, names: list[str]) -> dict:
+    """The session's current LoRA tensors, checked against ``model`` (or the round-0 init)."""
+    cfg = session.config
+    st = session.load_state()
+    tensors = st.get("lora")
+    if tensors is None:
+        return initial_lora(model, names, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    have = {k.rsplit(".", 1)[0] for k in tensors}
+    if have != set(names):
+        extra, missing = sorted(have - set(names)), sorted(set(names) - have)
+        raise HeroHostError(
+            f"session '{session.session_id}' holds a LoRA for a different model ("
+            f"{len(have)} modules; {len(missing)} of this model's attention layers are missing, "
+            f"e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}). Use the checkpoint the "
+            f"session was started with, or a new session_id.")
+    for n in names:
+        w = _module(model, n).weight
+        d, u = tensors[f"{n}.down"], tensors[f"{n}.up"]
+        if d.shape[1] != w.shape[1] or u.shape[0] != w.shape[0]:
+            raise HeroHostError(
+                f"session '{session.session_id}': LoRA module {n} has shape up {tuple(u.shape)} / "
+                f"down {tuple(d.shape)} but the model's weight is {tuple(w.shape)}; use the "
+                f"checkpoint the session was started with, or a new session_id.")
+    return tensors
+
+
+def lora_state(tensors: dict, names: list[str], family: str, kohya: dict) -> LoraState:
+    """Session tensors -> hero_engine.lora.LoraState (for export)."""
+    mods = {}
+    rank = None
+    for n in names:
+        down, up = tensors[f"{n}.down"].float(), tensors[f"{n}.up"].float()
+        a = tensors.get(f"{n}.alpha")
+        mods[n] = LoraModule(down, up, float(a) if a is not None else float(down.shape[0]))
+        rank = mods[n].rank
+    return LoraState(mods, family, rank, {n: kohya[n] for n in names})
+
+
+def remember_lora_layout(session: Session, model, family: str, names: list[str]) -> dict:
+    """Store family + kohya names in the session info (HERO_ExportLoRA needs no MODEL input)."""
+    kohya = kohya_names(model, family, names)
+    info = {"family": family, "kohya": kohya, "rank": session.config.lora_rank,
+            "alpha": session.config.lora_alpha,
+            "model": type(model.model.model_config).__name__}
+    if session.info.get("lora_layout") != info:
+        session.update_info(lora_layout=info)
+    return kohya
+
+
+# ---- weight wrappers -------------------------------------------------------------------------
+
+class LoraWeightWrapper(torch.nn.Module):
+    """``w -> w + alpha/r * up @ down``; a ComfyUI weight function (``add_weight_wrapper``)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, trainable: bool):
+        super().__init__()
+        self.down = torch.nn.Parameter(down, requires_grad=trainable)
+        self.up = torch.nn.Parameter(up, requires_grad=trainable)
+        self.scale = float(scale)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        d = (self.up.to(w.device, torch.float32) @ self.down.to(w.device, torch.float32)) * self.scale
+        return w + d.to(w.dtype)
+
+
+def _copy_weight(w: torch.Tensor) -> torch.Tensor:
+    """Identity wrapper: a fresh (non-inference) copy of a frozen weight, guide 2.3 variant B."""
+    return w.clone()
+
+
+def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_others: bool):
+    """``model.clone()`` with the LoRA as weight wrappers -> (patcher, {param name: Parameter}).
+    With ``trainable`` the parameters are fp32 leaves requiring grad; with ``copy_others`` every
+    other weight/bias gets an identity copy wrapper (needed for backward, guide 2.3)."""
+    mp = model.clone()
+    dev = mp.load_device
+    params = {}
+    for n in names:
+        a = tensors.get(f"{n}.alpha")
+        down = tensors[f"{n}.down"].detach().to(dev, torch.float32).clone()
+        up = tensors[f"{n}.up"].detach().to(dev, torch.float32).clone()
+        alpha = float(a) if a is not None else float(down.shape[0])
+        wr = LoraWeightWrapper(down, up, alpha / down.shape[0], trainable)
+        mp.add_weight_wrapper(f"{DM}{n}.weight", wr)
+        params[f"{n}.down"] = wr.down
+        params[f"{n}.up"] = wr.up
+    if copy_others:
+        targets = {DM + n for n in names}
+        for mname, m in mp.model.named_modules():
+            if not hasattr(m, "weight_function"):
+                continue
+            if getattr(m, "weight", None) is not None and mname not in targets:
+                mp.add_weight_wrapper(f"{mname}.weight", _copy_weight)
+            if getattr(m, "bias", None) is not None:
+                mp.add_weight_wrapper(f"{mname}.bias", _copy_weight)
+    return mp, params
+
+
+def kohya_tensors(tensors: dict, names: list[str], kohya: dict) -> dict:
+    """Session tensors -> an in-memory kohya LoRA dict (what export_kohya writes, fp32)."""
+    out = {}
+    for n in names:
+        k = kohya[n]
+        down = tensors[f"{n}.down"].float()
+        out[f"{k}.lora_down.weight"] = down
+        out[f"{k}.lora_up.weight"] = tensors[f"{n}.up"].float()
+        a = tensors.get(f"{n}.alpha")
+        out[f"{k}.alpha"] = torch.tensor(float(a) if a is not None else float(down.shape[0]))
+    return out
+
+
+def patched_model(model, tensors: dict, names: list[str], kohya: dict, strength: float = 1.0):
+    """A fresh ``model.clone()`` with the LoRA as plain patches (LoraLoader's path), usable by any
+    sampler. Every module must match a model key."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(kohya_tensors(tensors, names, kohya), key_map)
+    if len(patches) != len(names):
+        raise HeroHostError(f"only {len(patches)} of {len(names)} LoRA modules matched the model "
+                            f"(kohya names); this is a bug, please report it")
+    m = model.clone()
+    m.add_patches(patches, float(strength))
+    return m
+
+
+# ---- denoiser + samplers -------------------------------------------------------------------
+
+def make_denoiser(model_wrap, extra_args: dict):
+    """The engine's Denoiser over ComfyUI's CFG-combined x0 prediction."""
+    def denoiser(x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, index: torch.Tensor):
+        ab = alpha_bar.to(x.device, torch.float32).reshape(-1)
+        sigma = ((1.0 - ab) / ab).sqrt()
+        view = (-1,) + (1,) * (x.dim() - 1)
+        x_k = x.float() * (1.0 + sigma ** 2).sqrt().view(view)
+        x0 = model_wrap(x_k, sigma, **extra_args)
+        return (x_k - x0.float()) / sigma.view(view)
+    return denoiser
+
+
+def _clone_conds(d):
+    """Clone every tensor in processed conds (nodes_train.process_cond_list + CONDRegular.cond)."""
+    if isinstance(d, dict):
+        for k, v in list(d.items()):
+            if isinstance(v, torch.Tensor):
+                d[k] = v.clone()
+            else:
+                d[k] = _clone_conds(v)
+        return d
+    if isinstance(d, list):
+        for i, v in enumerate(d):
+            d[i] = v.clone() if isinstance(v, torch.Tensor) else _clone_conds(v)
+        return d
+    c = getattr(d, "cond", None)
+    if isinstance(c, torch.Tensor) and hasattr(d, "_copy_with"):
+        return d._copy_with(c.clone())
+    return d
+
+
+def _sampler_base():
+    import comfy.samplers
+
+    class _CallbackSampler(comfy.samplers.Sampler):
+        """A ComfyUI Sampler that hands model_wrap to ``fn(model_wrap, extra_args, noise)``."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+                   denoise_mask=None, disable_pbar=False):
+            return self.fn(model_wrap, extra_args, noise)
+
+    return _CallbackSampler
+
+
+def _progress(total_hint: int = 100):
+    import comfy.model_management as mm
+    import comfy.utils
+    bar = comfy.utils.ProgressBar(max(1, total_hint))
+
+    def progress(phase: str, i: int, n: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(int(i), int(max(n, 1)))
+    return progress
+
+
+def check_vae(vae) -> None:
+    if vae is None or not hasattr(vae, "decode"):
+        raise HeroHostError("HERO Generate needs a VAE to decode the batch: connect the VAE output "
+                            "of Load Checkpoint (or a VAE Loader)")
+
+
+@dataclass
+class HeroBatch:
+    """What flows on the HERO_BATCH socket: the round's batch plus what training needs again."""
+    session: Session
+    round: int
+    size: int
+    images: torch.Tensor          # [B, H, W, 3] in [0, 1] (ComfyUI IMAGE)
+    latent: torch.Tensor          # [B, C, h, w] (ComfyUI LATENT samples)
+    positive: Any = None
+    negative: Any = None
+    cfg: float = 5.0
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    reused: bool = False
+    family: str = ""
+
+    def __repr__(self) -> str:
+        return (f"HeroBatch(session={self.session.session_id!r}, round={self.round}, "
+                f"size={self.size}, reused={self.reused})")
+
+
+def _load_pending_images(session: Session, k: int, n: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+    ims = []
+    for i in range(n):
+        p = session.image_path(k, i)
+        if not p.is_file():
+            raise SessionError(f"round {k} image {p} is missing; delete {session.round_dir(k)} to "
+                               f"generate the round again")
+        ims.append(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0))
+    return torch.stack(ims)
+
+
+def generate(model, positive, negative, vae, session: Session, batch_size: int = 0,
+             steps: int = 0, cfg: float = 0.0, width: int = 512, height: int = 512,
+             seed: int = 0) -> HeroBatch:
+    """HERO_Generate: sample the round's batch with the current LoRA through ComfyUI's guider
+    (or re-use the round's stored batch after a restart)."""
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    family = model_family(model)
+    check_vae(vae)
+    if positive is None or negative is None:
+        raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
+    names = lora_targets(model)
+    remember_lora_layout(session, model, family, names)
+    scfg = session.config
+    steps = int(steps) or scfg.steps
+    cfg = float(cfg) or scfg.cfg
+    n = int(batch_size) or scfg.batch_size
+    k = session.round
+    pend = session.pending()
+    if pend is not None:
+        # a batch generated before a restart (or an earlier failed prompt): show the same images
+        size = int(pend["meta"]["size"])
+        data = session.load_generated(k)
+        if "latents" not in data:
+            raise SessionError(f"round {k}'s stored batch has no trajectory; delete "
+                               f"{session.round_dir(k)} to generate it again")
+        x0 = data["latents"][:, -1].float()
+        latent = model.model.process_latent_out(x0)
+        images = _load_pending_images(session, k, size)
+        meta = pend["meta"]
+        log.info("HERO: session %s round %d: re-using the batch generated before (%d images)",
+                 session.session_id, k, size)
+        return HeroBatch(session, k, size, images, latent, positive, negative,
+                         float(meta.get("cfg", cfg)), int(meta.get("steps", steps)),
+                         int(meta.get("width", width)), int(meta.get("height", height)),
+                         reused=True, family=family)
+    if n < 2:
+        raise HeroHostError("batch_size must be at least 2 (a good and a bad image)")
+    if width % 8 or height % 8:
+        raise HeroHostError(f"width and height must be multiples of 8, got {width}x{height}")
+
+    tensors = session_lora(session, model, names)
+    mp, _ = attach_lora(model, tensors, names, trainable=False, copy_others=False)
+    ms = mp.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).cpu()
+    schedule = DDIMSchedule.from_sigmas(sigmas, ms.sigmas.detach().cpu())
+    channels = mp.get_model_object("latent_format").latent_channels
+    shape = (channels, height // 8, width // 8)
+    guider = comfy.samplers.CFGGuider(mp)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    progress = _progress(steps)
+    out: dict = {}
+    old_bs = scfg.batch_size
+
+    def run(model_wrap, extra_args, noise):
+        def decode(x0):
+            lat = model_wrap.inner_model.process_latent_out(x0.float())
+            img = vae.decode(lat)
+            if img.dim() == 5:  # video VAEs: [B, T, H, W, C]
+                img = img.reshape(-1, *img.shape[-3:])
+            img = img[..., :3].float().clamp(0, 1).cpu()
+            out["images"] = img
+            return img.permute(0, 3, 1, 2)
+
+        out["batch"] = hero_loop.generate_round(
+            session, make_denoiser(model_wrap, extra_args), decode, schedule, shape, [],
+            device=noise.device, progress=progress, micro_batch=GENERATE_MICRO_BATCH,
+            extra_meta={"cfg": cfg, "steps": steps, "width": width, "height": height,
+                        "seed": int(seed), "family": family, "host": "comfyui"})
+        return out["batch"].trajectory.x0.to(noise.device)
+
+    noise = torch.zeros((n, *shape))
+    try:
+        scfg.batch_size = n  # this round's size (per-round setting, not persisted)
+        latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
+                               seed=int(seed))
+    finally:
+        scfg.batch_size = old_bs
+    return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative, cfg, steps,
+                     width, height, reused=False, family=family)
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    metrics: dict
+    trained: bool
+    message: str = ""
+
+
+def _same_session(a, b) -> bool:
+    try:
+        return Path(a.path).resolve() == Path(b.path).resolve()
+    except Exception:  # noqa: BLE001
+        return a is b
+
+
+def train(model, session: Session, feedback) -> TrainResult:
+    """HERO_Train: representation learning + one PPO epoch on the LoRA inside ComfyUI's guider,
+    then commit the round. Returns a MODEL with the LoRA as plain patches."""
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    family = model_family(model)
+    fb_session = getattr(feedback, "session", None)
+    batch = getattr(feedback, "batch", None)
+    if fb_session is None or not hasattr(feedback, "round") or not hasattr(feedback, "marks"):
+        raise HeroHostError("the 'feedback' input must come from HERO Feedback")
+    if not _same_session(fb_session, session):
+        raise HeroHostError(f"the feedback belongs to session '{fb_session.session_id}' but this "
+                            f"HERO Train is connected to session '{session.session_id}'; connect "
+                            f"the same HERO Session to HERO Generate and HERO Train")
+    if batch is not None and not _same_session(getattr(batch, "session", session), session):
+        raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
+                            f"'{session.session_id}'")
+    names = lora_targets(model)
+    kohya = remember_lora_layout(session, model, family, names)
+    k = session.round
+    if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
+        tensors = session_lora(session, model, names)
+        return TrainResult(patched_model(model, tensors, names, kohya), {}, False,
+                           f"round {feedback.round} was already trained")
+    if int(feedback.round) > k:
+        raise HeroHostError(f"the feedback is for round {feedback.round} but session "
+                            f"'{session.session_id}' is at round {k}")
+    if batch is None or getattr(batch, "positive", None) is None:
+        raise HeroHostError("the feedback carries no HERO batch with conditioning; connect HERO "
+                            "Generate -> HERO Feedback -> HERO Train")
+    tensors = session_lora(session, model, names)
+    device = mm.get_torch_device()
+    progress = _progress(100)
+    with torch.inference_mode(False), torch.enable_grad():
+        plan = hero_loop.prepare_learning(session, device=device, progress=progress)
+        mp, params = attach_lora(model, tensors, names, trainable=True, copy_others=True)
+        popt = PolicyOptimizer(params, session.config.policy)
+        st = session.load_state()
+        if "policy_opt" in st:
+            try:
+                popt.load_state_dict(st["policy_opt"])
+            except ValueError as e:
+                raise HeroHostError(f"session '{session.session_id}': {e}") from None
+        mm.load_models_gpu([mp], memory_required=0, force_full_load=True)
+        ms = mp.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", max(1, len(plan.trajectory.schedule))).cpu()
+        guider = comfy.samplers.CFGGuider(mp)
+        guider.set_conds(batch.positive, batch.negative)
+        guider.set_cfg(float(batch.cfg))
+        res: dict = {}
+
+        def run(model_wrap, extra_args, noise):
+            model_wrap.conds = _clone_conds(model_wrap.conds)
+            ex = dict(extra_args)
+            res.update(hero_loop.apply_policy_update(
+                session, plan, make_denoiser(model_wrap, ex), popt, progress))
+            return torch.zeros_like(noise)
+
+        shape = tuple(plan.trajectory.latents.shape[2:])
+        bs = max(1, min(session.config.policy.train_batch_size, len(plan.trajectory)))
+        noise = torch.zeros((bs, *shape))
+        guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas, seed=0)
+        lora_out = {}
+        for n in names:
+            lora_out[f"{n}.down"] = params[f"{n}.down"].detach()
+            lora_out[f"{n}.up"] = params[f"{n}.up"].detach()
+            lora_out[f"{n}.alpha"] = torch.as_tensor(tensors[f"{n}.alpha"]).detach().clone()
+        metrics = hero_loop.complete_round(session, plan, lora_out, popt,
+                                           {"host": "comfyui", "family": family})
+    new = {k_: v.detach().cpu().float() for k_, v in lora_out.items()}
+    del mp, params, popt
+    return TrainResult(patched_model(model, new, names, kohya), metrics, True,
+                       f"round {k} trained")
+
+
+def apply_lora(model, session: Session, strength: float = 1.0):
+    """HERO_ApplyLoRA: the session's current LoRA on a clone of ``model`` (plain patches)."""
+    family = model_family(model)
+    names = lora_targets(model)
+    kohya = remember_lora_layout(session, model, family, names)
+    st = session.load_state()
+    if "lora" not in st:
+        return model.clone(), False
+    tensors = session_lora(session, model, names)
+    return patched_model(model, tensors, names, kohya, strength), True
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export_path(prefix: str, round_: int) -> Path:
+    import folder_paths
+    from ..hero_engine.session import valid_session_id
+    try:
+        valid_session_id(prefix)
+    except SessionError:
+        raise HeroHostError(f"invalid filename_prefix {prefix!r}: use 1-64 letters, digits, '_' or "
+                            f"'-' (the file goes to models/loras/hero/)") from None
+    root = Path(folder_paths.get_folder_paths("loras")[0])
+    return root / "hero" / f"{prefix}_r{round_:04d}.safetensors"
+
+
+def export_lora(session: Session, prefix: str, dtype: str = "fp16") -> dict:
+    """HERO_ExportLoRA: write the session's LoRA as a kohya file into models/loras/hero/."""
+    import json
+    st = session.load_state()
+    if "lora" not in st:
+        raise HeroHostError(f"session '{session.session_id}' has no trained LoRA yet: complete a "
+                            f"round (HERO Train) before exporting")
+    layout = session.info.get("lora_layout")
+    if not layout:
+        raise HeroHostError(f"session '{session.session_id}' does not record its model family; "
+                            f"run HERO Generate or HERO Apply LoRA once with the session's model")
+    tensors = st["lora"]
+    have = {k.rsplit(".", 1)[0] for k in tensors}
+    names = [n for n in layout["kohya"] if n in have]
+    if len(names) != len(have):
+        raise HeroHostError(f"session '{session.session_id}': the recorded model layout does not "
+                            f"cover the LoRA ({len(have) - len(names)} modules unnamed); run HERO "
+                            f"Apply LoRA once with the session's model, then export again")
+    state = lora_state(tensors, names, layout["family"], layout["kohya"])
+    path = export_path(prefix, session.round)
+    cfg = session.config
+    md = {"hero_session_id": session.session_id, "hero_round": str(session.round),
+          "hero_labels_used": str(session.labels_used), "hero_method": cfg.method,
+          "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
+          "hero_base_model": layout.get("model", ""), "hero_family": layout["family"],
+          "hero_best": json.dumps(session.best.__dict__ if session.best else None),
+          "ss_training_comment": f"HERO online human-feedback RL, session {session.session_id}, "
+                                 f"{session.round} rounds, {session.labels_used} labels"}
+    md_written = export_kohya(state, path, md, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    rel = f"hero/{path.name}"
+    session.update_info(last_export={"file": rel, "round": session.round})
+    return {"path": str(path), "filename": rel, "round": session.round, "modules": len(names),
+            "metadata": md_written}

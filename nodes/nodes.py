@@ -1,0 +1,344 @@
+"""The HERO V3 nodes (thin: the work is in ``host.py`` and ``hero_engine``).
+
+One queued prompt = one HERO round (DESIGN.md decision 1):
+HERO_Session -> HERO_Generate -> HERO_Feedback -> HERO_Train (-> HERO_ExportLoRA).
+Per-round nodes are ``not_idempotent`` with a NaN fingerprint so ComfyUI never serves them from
+its cache.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..hero_engine.policy import PolicyConfig
+from ..hero_engine.representation import RepresentationConfig
+from ..hero_engine.session import HeroConfig, Session, SessionError, valid_session_id
+
+log = logging.getLogger("HERO")
+
+SessionT = io.Custom("HERO_SESSION")
+Batch = io.Custom("HERO_BATCH")
+Feedback = io.Custom("HERO_FEEDBACK")
+
+CATEGORY = "HERO"
+
+
+def _nan(**_kw):
+    return float("nan")
+
+
+def sessions_root() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_output_directory()) / "hero"
+
+
+def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
+    da, db = a.to_json(), b.to_json()
+    out = []
+    for k in sorted(set(da) | set(db)):
+        if isinstance(da.get(k), dict):
+            out += [f"{k}.{kk}" for kk in sorted(da[k]) if da[k].get(kk) != db.get(k, {}).get(kk)]
+        elif da.get(k) != db.get(k):
+            out.append(k)
+    return out
+
+
+def open_session(session_id: str, config: HeroConfig) -> tuple[Session, bool, list[str]]:
+    """Open ``output/hero/<id>/`` or create it with ``config`` -> (session, created, ignored keys)."""
+    try:
+        valid_session_id(session_id)
+    except SessionError as e:
+        raise ValueError(str(e)) from None
+    path = sessions_root() / session_id
+    if (path / "session.json").exists():
+        s = Session.open(path)
+        return s, False, _config_diff(s.config, config)
+    config.validate()
+    return Session.create(path, config, session_id=session_id, info={"host": "comfyui"}), True, []
+
+
+class HERO_Session(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_Session", display_name="HERO Session", category=CATEGORY,
+            description=(
+                "Opens the HERO session named session_id (or creates it with these settings) in "
+                "ComfyUI's output folder, output/hero/<session_id>/. Every round, mark and the "
+                "LoRA are stored there, so a restarted ComfyUI continues where it stopped. "
+                "Settings only apply when the session is created; an existing session keeps its "
+                "own (a note lists any widget that differs)."),
+            not_idempotent=True,
+            inputs=[
+                io.String.Input("session_id", default="hero_session",
+                                tooltip="Name of the session (1-64 letters, digits, _ or -). "
+                                        "A new name starts a new session; an existing one resumes."),
+                io.Combo.Input("method", options=list(HeroConfig.METHODS), default="hero",
+                               tooltip="hero (the paper), hero-no-guidance (no feedback-guided "
+                                       "noise), ddpo-binary or d3po (baselines)."),
+                io.Int.Input("batch_size", default=8, min=2, max=256,
+                             tooltip="Images per round (HERO Generate may override per round)."),
+                io.Int.Input("steps", default=20, min=1, max=200,
+                             tooltip="DDIM sampling steps per image (HERO Generate may override)."),
+                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (HERO Generate may override)."),
+                io.Int.Input("lora_rank", default=4, min=1, max=128,
+                             tooltip="Rank r of the LoRA on attention to_q/to_k/to_v/to_out."),
+                io.Float.Input("lora_alpha", default=4.0, min=0.01, max=256.0, step=0.01,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1e-1, step=1e-5,
+                               tooltip="AdamW learning rate of the LoRA policy update."),
+                io.Int.Input("timesteps_per_sample", default=5, min=1, max=200,
+                             tooltip="Denoising steps trained per image per round (at most steps)."),
+                io.Float.Input("beta", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Best-image ratio: share of next round's noises centred on "
+                                       "the best image's noise."),
+                io.Float.Input("epsilon", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Noise perturbation around the chosen noises (0 = copies)."),
+                io.Int.Input("budget", default=512, min=2, max=100000,
+                             tooltip="Feedback budget: total number of image marks for the session."),
+                io.Int.Input("encoder_epochs", default=500, min=1, max=10000,
+                             tooltip="Triplet-loss epochs of the representation network per round "
+                                     "(the paper: 500; lower it on CPU)."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Session seed: every round's noise is drawn from (seed, round), "
+                                     "so an interrupted round redraws the same images."),
+            ],
+            outputs=[SessionT.Output("session", tooltip="The open session, for the other HERO nodes.")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, session_id, method="hero", batch_size=8, steps=20, cfg=5.0, lora_rank=4,
+                lora_alpha=4.0, learning_rate=1e-3, timesteps_per_sample=5, beta=0.5,
+                epsilon=0.1, budget=512, encoder_epochs=500, seed=0) -> io.NodeOutput:
+        session_id = str(session_id).strip()
+        config = HeroConfig(method=method, batch_size=int(batch_size), steps=int(steps),
+                            cfg=float(cfg), beta=float(beta), epsilon=float(epsilon),
+                            lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
+                            budget=int(budget), seed=int(seed),
+                            policy=PolicyConfig(lr=float(learning_rate),
+                                                timesteps_per_sample=int(timesteps_per_sample)),
+                            representation=RepresentationConfig(epochs=int(encoder_epochs)))
+        s, created, diff = open_session(session_id, config)
+        lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "
+                 f"{s.labels_used}/{s.config.budget} labels used"]
+        if diff:
+            lines.append("kept the session's own settings for: " + ", ".join(diff))
+            log.info("HERO: session %s keeps its settings (%s)", s.session_id, ", ".join(diff))
+        if s.done:
+            lines.append("the feedback budget is used up (further rounds still run)")
+        return io.NodeOutput(s, ui=ui.PreviewText("\n".join(lines)))
+
+
+class HERO_Generate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_Generate", display_name="HERO Generate", category=CATEGORY,
+            description=(
+                "Samples this round's batch with the session's current LoRA (stochastic DDIM with "
+                "log-probs, feedback-guided initial noise) through ComfyUI's own guider, decodes it "
+                "and stores it in the session. If the round's batch was already generated (e.g. "
+                "before a restart) the same images are returned instead of new ones."),
+            not_idempotent=True,
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5 or SDXL (epsilon) model; LoRAs loaded "
+                                                "before HERO still apply."),
+                io.Conditioning.Input("positive", tooltip="The prompt (CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Vae.Input("vae", tooltip="VAE to decode the batch for marking."),
+                SessionT.Input("session", tooltip="From HERO Session."),
+                io.Int.Input("batch_size", default=0, min=0, max=256,
+                             tooltip="Images this round; 0 = the session's batch_size."),
+                io.Int.Input("steps", default=0, min=0, max=200,
+                             tooltip="DDIM steps; 0 = the session's steps."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Guidance scale; 0 = the session's cfg."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Image width in pixels (multiple of 8)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Image height in pixels (multiple of 8)."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1, control_after_generate=False,
+                             tooltip="Passed to ComfyUI's sampler machinery and recorded with the "
+                                     "round; the round's noise itself comes from the session seed "
+                                     "and round number (reproducible after a restart)."),
+            ],
+            outputs=[io.Image.Output("images", tooltip="The decoded batch, in batch order."),
+                     io.Latent.Output("latent", tooltip="The batch's latents."),
+                     Batch.Output("batch", tooltip="The round, for HERO Feedback and HERO Train.")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, session, batch_size=0, steps=0, cfg=0.0,
+                width=512, height=512, seed=0) -> io.NodeOutput:
+        from . import host
+        b = host.generate(model, positive, negative, vae, session, batch_size, steps, cfg,
+                          width, height, seed)
+        return io.NodeOutput(b.images, {"samples": b.latent}, b)
+
+
+# ---- metrics plot --------------------------------------------------------------------------------
+
+def metrics_plot(history: list[dict], width: int = 768, height: int = 512) -> torch.Tensor:
+    """A 2x2 chart of marks used, good rate, triplet loss and reward spread per round ->
+    IMAGE [1, H, W, 3]."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    panels = [("labels used", "labels_used"), ("good rate", "good_rate"),
+              ("triplet loss (last)", "triplet_loss_last"), ("reward std", "reward_std")]
+    img = Image.new("RGB", (width, height), (24, 24, 28))
+    d = ImageDraw.Draw(img)
+    pw, ph = width // 2, height // 2
+    for p, (title, key) in enumerate(panels):
+        x0, y0 = (p % 2) * pw, (p // 2) * ph
+        d.rectangle([x0 + 4, y0 + 4, x0 + pw - 4, y0 + ph - 4], outline=(80, 80, 90))
+        pts = [(h.get("round", i), h.get(key)) for i, h in enumerate(history)]
+        pts = [(r, float(v)) for r, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
+        last = f" = {pts[-1][1]:.4g}" if pts else ""
+        d.text((x0 + 12, y0 + 10), title + last, fill=(230, 230, 230))
+        if not pts:
+            d.text((x0 + 12, y0 + ph // 2), "no rounds yet", fill=(150, 150, 150))
+            continue
+        L, T, R, B = x0 + 40, y0 + 32, x0 + pw - 16, y0 + ph - 24
+        vs = [v for _, v in pts]
+        lo, hi = min(vs), max(vs)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        rs = [r for r, _ in pts]
+        r0, r1 = min(rs), max(rs) if max(rs) > min(rs) else min(rs) + 1
+        xy = [(L + (r - r0) / (r1 - r0) * (R - L), B - (v - lo) / (hi - lo) * (B - T)) for r, v in pts]
+        d.line([(L, B), (R, B)], fill=(90, 90, 100))
+        d.line([(L, T), (L, B)], fill=(90, 90, 100))
+        d.text((x0 + 6, T - 4), f"{hi:.3g}", fill=(150, 150, 150))
+        d.text((x0 + 6, B - 10), f"{lo:.3g}", fill=(150, 150, 150))
+        d.text((R - 40, B + 4), f"round {int(r1) if len(pts) > 1 else int(r0)}", fill=(150, 150, 150))
+        if len(xy) > 1:
+            d.line(xy, fill=(90, 180, 250), width=2)
+        for x, y in xy:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(250, 200, 80))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+class HERO_Train(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_Train", display_name="HERO Train", category=CATEGORY,
+            description=(
+                "Learns from this round's marks: updates the best image and noise pool, trains the "
+                "representation network on the good/bad/best triplets, computes rewards, and runs "
+                "one PPO update of the LoRA inside ComfyUI's sampler machinery. The round is then "
+                "committed to the session. Outputs the model with the updated LoRA (usable by any "
+                "KSampler) and a metrics chart."),
+            not_idempotent=True, is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The same model as HERO Generate's."),
+                SessionT.Input("session", tooltip="From HERO Session."),
+                Feedback.Input("feedback", tooltip="The round's marks, from HERO Feedback."),
+            ],
+            outputs=[io.Model.Output("model", tooltip="The model with the session's LoRA applied."),
+                     io.Image.Output("metrics", tooltip="Marks used, good rate, triplet loss and "
+                                                        "reward spread per round.")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, model, session, feedback) -> io.NodeOutput:
+        from . import host
+        r = host.train(model, session, feedback)
+        plot = metrics_plot(session.history)
+        m = r.metrics
+        text = r.message
+        if r.trained:
+            text += (f": {m.get('labels')} marks ({m.get('labels_used')}/{session.config.budget}"
+                     f" used), good rate {m.get('good_rate', 0):.2f}, policy loss "
+                     f"{m.get('policy_loss', float('nan')):.3g}")
+        return io.NodeOutput(r.model, plot, ui=ui.PreviewText(text))
+
+
+class HERO_ApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_ApplyLoRA", display_name="HERO Apply LoRA", category=CATEGORY,
+            description=("Applies the session's current LoRA (after its last completed round) to a "
+                         "model, like Load LoRA, without exporting a file. Before the first "
+                         "completed round the model passes through unchanged."),
+            not_idempotent=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model the session was trained on."),
+                SessionT.Input("session", tooltip="From HERO Session."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="LoRA strength (1.0 = as trained)."),
+            ],
+            outputs=[io.Model.Output("model", tooltip="The model with the session's LoRA.")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, model, session, strength=1.0) -> io.NodeOutput:
+        from . import host
+        m, applied = host.apply_lora(model, session, strength)
+        text = (f"session {session.session_id}: LoRA after {session.round} rounds, strength "
+                f"{strength:g}" if applied else
+                f"session {session.session_id} has no trained LoRA yet: model unchanged")
+        return io.NodeOutput(m, ui=ui.PreviewText(text))
+
+
+class HERO_ExportLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_ExportLoRA", display_name="HERO Export LoRA", category=CATEGORY,
+            description=(
+                "Writes the session's LoRA as a kohya .safetensors file to "
+                "models/loras/hero/<prefix>_r<round>.safetensors (family-native names, ss_*/"
+                "modelspec/hero_* metadata). It appears in Load LoRA's list and loads in A1111, "
+                "Forge, kohya and diffusers."),
+            not_idempotent=True, is_output_node=True,
+            inputs=[
+                SessionT.Input("session", tooltip="From HERO Session (or after HERO Train)."),
+                io.String.Input("filename_prefix", default="hero",
+                                tooltip="File name prefix (letters, digits, _ or -); the round "
+                                        "number is appended."),
+                io.Combo.Input("dtype", options=["fp16", "fp32"], default="fp16", optional=True,
+                               tooltip="Tensor precision of the file."),
+                io.Model.Input("after", optional=True,
+                               tooltip="Optional: connect HERO Train's model output so the export "
+                                       "runs after the round's training."),
+            ],
+            outputs=[io.String.Output("lora_name", tooltip="The file's name under models/loras "
+                                                          "(for Load LoRA).")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, session, filename_prefix="hero", dtype="fp16", after=None) -> io.NodeOutput:
+        from . import host
+        res = host.export_lora(session, str(filename_prefix).strip(), dtype or "fp16")
+        return io.NodeOutput(res["filename"], ui=ui.PreviewText(
+            f"wrote models/loras/{res['filename']} ({res['modules']} modules, round {res['round']})"))
+
+
+def _panel_export(session, body: dict) -> dict:
+    """POST /hero/export (routes.register_exporter)."""
+    from . import host
+    prefix = body.get("filename_prefix") or body.get("prefix") or session.session_id
+    res = host.export_lora(session, str(prefix), str(body.get("dtype") or "fp16"))
+    res.pop("metadata", None)
+    return res
+
+
+NODES = [HERO_Session, HERO_Generate, HERO_Train, HERO_ApplyLoRA, HERO_ExportLoRA]
