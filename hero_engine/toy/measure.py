@@ -1,0 +1,125 @@
+"""Base success rate of the toy model on the four tasks (fresh N(0, I) noise, stochastic DDIM).
+
+    python -m hero_engine.toy.measure --n 256 --seed 1234 [--grid docs/img]
+
+Sampling uses the engine's own sampler (``hero_engine.sampling``: diffusers DDIM "leading" timesteps,
+steps_offset=1, set_alpha_to_one=False, eta=1); if that module is missing it falls back to diffusers'
+``DDIMScheduler`` with the same settings.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import ToyModel, load_toy_model
+from .tasks import TASKS
+
+
+@torch.no_grad()
+def sample_latents(model: ToyModel, prompts: list[str], x_T: Tensor, steps: int, cfg: float, eta: float,
+                   generator: torch.Generator) -> Tensor:
+    """Final latents of a stochastic DDIM run from ``x_T`` (one prompt per sample, or one for all)."""
+    den = model.denoiser(prompts, cfg)
+    try:
+        from hero_engine.sampling import DDIMSchedule, sample_with_logprob
+    except ImportError:  # the engine's sampler is optional for the toy package
+        DDIMSchedule = None
+    if DDIMSchedule is not None:
+        sched = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps, steps_offset=1)
+        return sample_with_logprob(den, x_T, sched, eta=eta, generator=generator).x0
+    from diffusers import DDIMScheduler
+
+    sc = model.config["scheduler"]
+    ddim = DDIMScheduler(num_train_timesteps=sc["num_train_timesteps"], beta_start=sc["beta_start"],
+                         beta_end=sc["beta_end"], beta_schedule=sc["beta_schedule"], clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    ddim.set_timesteps(steps)
+    x, b = x_T.clone(), x_T.shape[0]
+    idx = torch.arange(b)
+    for t in ddim.timesteps:
+        tt = t.expand(b)
+        eps = den(x, tt, model.alphas_cumprod[tt], idx)
+        x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
+    return x
+
+
+def sample_images(model: ToyModel, prompt: str, n: int, seed: int, steps: int | None = None,
+                  cfg: float | None = None, eta: float | None = None, batch: int = 64) -> Tensor:
+    """``n`` images [n, 3, 32, 32] in [0, 1] for one prompt; reproducible from ``seed``."""
+    steps = steps or model.default_steps
+    cfg = model.default_cfg if cfg is None else cfg
+    eta = model.default_eta if eta is None else eta
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        x_T = torch.randn((b, *model.latent_shape), generator=gen)
+        out.append(model.decode(sample_latents(model, [prompt], x_T, steps, cfg, eta, gen)))
+    return torch.cat(out)
+
+
+def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale: int = 2) -> None:
+    """PNG grid; each tile framed white if the evaluator calls it a success, dark grey otherwise."""
+    from PIL import Image
+
+    n = images.shape[0]
+    rows = (n + cols - 1) // cols
+    tile = images.shape[-1] + 4
+    grid = np.zeros((rows * tile, cols * tile, 3), np.float32)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        t = np.full((tile, tile, 3), 1.0 if ok[i] else 0.25, np.float32)
+        t[2:-2, 2:-2] = images[i].permute(1, 2, 0).numpy()
+        grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
+    img = Image.fromarray((grid * 255).round().astype(np.uint8))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)
+
+
+def measure(model: ToyModel, n: int = 256, seed: int = 1234, tasks=None, grid_dir=None, steps=None,
+            cfg=None) -> dict:
+    """Success rate per task on ``n`` fresh samples (task k uses seed + k)."""
+    res = {}
+    for k, name in enumerate(tasks or TASKS):
+        task = TASKS[name]
+        t0 = time.time()
+        c = cfg if cfg is not None else task.cfg
+        imgs = sample_images(model, task.prompt, n, seed + k, steps=steps, cfg=c)
+        scores = task.score(imgs, [task.prompt] * n)
+        ok = scores >= task.threshold
+        res[name] = dict(success=float(ok.float().mean()), mean_score=float(scores.mean()),
+                         n=n, seconds=round(time.time() - t0, 1))
+        print(f"{name:8s} {task.prompt!r:36s} success {res[name]['success']:.3f} "
+              f"({int(ok.sum())}/{n})  mean score {res[name]['mean_score']:.3f}  [{res[name]['seconds']} s]",
+              flush=True)
+        if grid_dir:
+            save_grid(imgs[:64], ok[:64], Path(grid_dir) / f"toy_{name}.png")
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--cfg", type=float, default=None, help="override every task's guidance scale")
+    ap.add_argument("--weights", default=None, help="weights dir (default: the committed weights)")
+    ap.add_argument("--grid", default=None, help="write toy_<task>.png grids (first 64 samples) here")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_toy_model(weights_dir=args.weights)
+    print(f"toy model: steps {args.steps or model.default_steps}, cfg {args.cfg or 'per task/default'}, "
+          f"eta {model.default_eta}, n {args.n}, seed {args.seed}")
+    measure(model, args.n, args.seed, args.tasks, args.grid, args.steps, args.cfg)
+
+
+if __name__ == "__main__":
+    main()
