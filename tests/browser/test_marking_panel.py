@@ -105,6 +105,10 @@ def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):
     wait_round_done(server, 0)
     page.wait_for_function("document.querySelector('.hero-node-panel').innerText.includes('Round 0 saved')",
                            timeout=20_000)
+    page.evaluate("""() => { const n = app.graph._nodes.find(n => n.comfyClass === 'HERO_Feedback');
+                             app.canvas.ds.offset = [-n.pos[0] + 500, -n.pos[1] + 200];
+                             app.canvas.setDirty(true, true); }""")
+    time.sleep(0.5)
     shot(page, "03_round0_saved")
 
     # --- round 1: reload while the node waits; the panel comes back from /hero/pending ----------
@@ -156,7 +160,7 @@ def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):
 
     # --- the session panel -----------------------------------------------------------------------
     page.evaluate("window.HERO.syncPending()")
-    page.locator(".pi-images").first.click()
+    page.locator(".hero-sessions-tab-button").first.click()
     page.wait_for_selector(f".hero-card[data-session={SID}] .hero-plot", timeout=15_000)
     txt = page.locator(f".hero-card[data-session={SID}]").inner_text()
     assert "3 rounds" in txt and "labels 18 / 64" in txt

@@ -218,7 +218,8 @@ class Overlay {
 
   build() {
     const r = this.req;
-    const thumb = Number(setting(S_THUMB, 160)) || 160;
+    let thumb = Number(setting(S_THUMB, 160)) || 160;
+    if (r.n <= 8) thumb = Math.max(thumb, 240); // few images: show them larger
     this.tiles = r.images.map((img, i) => {
       const t = el("div", { class: "hero-tile", "data-i": String(i), tabindex: "-1",
                             role: "checkbox", "aria-label": `image ${i + 1}` },
@@ -430,7 +431,7 @@ async function exportSession(sid, btn) {
 
 async function refreshSidebar() {
   const root = sidebarEl;
-  if (!root || !root.isConnected) return;
+  if (!root) return;
   let sessions = [];
   let error = null;
   try {
@@ -442,7 +443,7 @@ async function refreshSidebar() {
     error = String(e?.message || e);
   }
   const waiting = [...requests.values()];
-  root.replaceChildren(
+  root.replaceChildren(...[
     el("div", { class: "hero-side-head" },
       el("span", { text: "HERO sessions" }),
       el("button", { class: "hero-btn", onclick: () => { syncPending(); refreshSidebar(); } }, "Refresh")),
@@ -468,7 +469,7 @@ async function refreshSidebar() {
                     text: exp ? `last LoRA: ${typeof exp === "string" ? exp : exp.filename || exp.path}` : "no LoRA exported yet" }),
         el("button", { class: "hero-btn", onclick: (e) => exportSession(s.session_id, e.currentTarget) },
            "Export LoRA"));
-    }));
+    })].flat().filter(Boolean));
 }
 
 // ---- registration ----------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ app.registerExtension({
     api.addEventListener("execution_interrupted", () => syncPending());
     try {
       app.extensionManager.registerSidebarTab({
-        id: "hero-sessions", icon: "pi pi-images", title: "HERO", tooltip: "HERO sessions",
+        id: "hero-sessions", icon: "pi pi-thumbs-up", title: "HERO", tooltip: "HERO sessions",
         type: "custom",
         render: (root) => {
           sidebarEl = el("div", { class: "hero-sidebar" });
