@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))
 from tests.support import comfy_server as cs  # noqa: E402
 from tests.support import stub_pack  # noqa: E402
 
-ARTIFACTS = REPO / "artifacts" / "browser"
+ARTIFACTS = REPO / "artifacts" / "browser" / cs.comfy_path().name  # one folder per host
+
 CHROMIUM = os.environ.get("HERO_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
