@@ -70,7 +70,7 @@ def page(browser, server):
     pg = ctx.new_page()
     logs = []
     pg.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
-    pg.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+    pg.on("pageerror", lambda e: logs.append(f"pageerror: {e}\n{getattr(e, 'stack', '')}"))
     pg.hero_logs = logs
     yield pg
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
