@@ -167,5 +167,7 @@ def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):
     page.wait_for_function(f"document.querySelector('.hero-card[data-session={SID}] img.hero-card-best')"
                            "?.naturalWidth > 0", timeout=10_000)
     shot(page, "06_session_panel")
-    errors = [l for l in page.hero_logs if l.startswith("pageerror") or "[HERO]" in l]
+    # only our errors: front end 1.27.10 throws one of its own while registering core settings
+    errors = [l for l in page.hero_logs
+              if (l.startswith("pageerror") and "ComfyUI-HERO" in l) or "[HERO]" in l]
     assert not errors, errors
