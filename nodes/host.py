@@ -194,12 +194,13 @@ class LoraWeightWrapper(torch.nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         d = (self.up.to(w.device, torch.float32) @ self.down.to(w.device, torch.float32)) * self.scale
-        return w + d.to(w.dtype)
+        return w.detach() + d.to(w.dtype)  # detach: gradients reach the LoRA only, never the model
 
 
 def _copy_weight(w: torch.Tensor) -> torch.Tensor:
-    """Identity wrapper: a fresh (non-inference) copy of a frozen weight, guide 2.3 variant B."""
-    return w.clone()
+    """Identity wrapper: a fresh (non-inference) copy of a frozen weight, guide 2.3 variant B;
+    detached so no gradient reaches the (shared) model's own parameters."""
+    return w.detach().clone()
 
 
 def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_others: bool):

@@ -1,0 +1,293 @@
+"""In-process host tests: the ComfyUI adapter (nodes/host.py) on tiny SD1.5- and SDXL-shaped models.
+
+Run: ``~/comfy/venv/bin/python -m pytest tests/host/test_adapter.py`` (COMFYUI_PATH selects the
+host; ``test_inprocess_old_host`` repeats the suite on HERO_COMFYUI_OLD_PATH in a child process)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import COMFYUI_PATH, OLD_PATH, REPO
+from tiny_models import TinyVAE, make_conds, make_model
+
+KINDS = ["sd15", "sdxl"]
+
+
+def new_session(pack, root: Path, name="s1", batch=4, steps=3):
+    S = pack.engine_session
+    P = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.policy")
+    R = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.representation")
+    cfg = S.HeroConfig(batch_size=batch, steps=steps, seed=3,
+                       policy=P.PolicyConfig(timesteps_per_sample=2, lr=1e-2),
+                       representation=R.RepresentationConfig(epochs=2))
+    return S.Session.create(root / name, cfg)
+
+
+def gen(pack, mp, kind, s, **kw):
+    pos, neg = make_conds(kind)
+    with torch.inference_mode():
+        return pack.host.generate(mp, pos, neg, TinyVAE(), s, width=64, height=64, **kw)
+
+
+def mark_and_train(pack, mp, s, batch, best=0):
+    n = batch.size
+    s.record_marks(batch.round, pack.feedback.Marks([i for i in range(n) if i % 2 == 0],
+                                                    [i for i in range(n) if i % 2 == 1], best))
+    fb = SimpleNamespace(session=s, round=batch.round, marks=s.marks_for(batch.round), batch=batch)
+    with torch.inference_mode():
+        return pack.host.train(mp, s, fb)
+
+
+def weights_digest(mp) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(mp.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ksample(mp, kind, seed=7, steps=3):
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+    pos, neg = make_conds(kind)
+    lat = {"samples": torch.zeros(2, 4, 8, 8)}
+    with torch.inference_mode():
+        return comfy_nodes.common_ksampler(mp, seed, steps, 5.0, "euler", "normal", pos, neg,
+                                           lat)[0]["samples"].clone()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_generate_train_resume(pack, dirs, kind):
+    mp = make_model(kind)
+    s = new_session(pack, dirs["output"])
+    b = gen(pack, mp, kind, s)
+    assert b.images.shape == (4, 64, 64, 3) and b.latent.shape == (4, 4, 8, 8)
+    assert 0 <= float(b.images.min()) and float(b.images.max()) <= 1
+    assert s.pending() is not None and not b.reused
+    # a restart before marking: the same batch comes back, not a new one
+    b_again = gen(pack, mp, kind, pack.engine_session.Session.open(s.path))
+    assert b_again.reused and torch.allclose(b_again.images, b.images, atol=1 / 255)
+    assert torch.allclose(b_again.latent, b.latent, rtol=2e-3, atol=1e-3)  # stored as fp16
+    r = mark_and_train(pack, mp, s, b)
+    assert r.trained and s.round == 1
+    st = s.load_state()
+    ups = [v for k, v in st["lora"].items() if k.endswith(".up")]
+    assert ups and max(float(u.abs().max()) for u in ups) > 0, "the PPO step changed the LoRA"
+    assert r.metrics["policy_backward_passes"] > 0
+    assert s.info["lora_layout"]["family"] == kind
+    # the trained model is a plain-patch clone: differs from the base in a KSampler
+    assert not torch.equal(ksample(r.model, kind), ksample(mp, kind))
+    # round 1 is generated from the feedback-guided noise with the new LoRA
+    b1 = gen(pack, mp, kind, s)
+    assert b1.round == 1 and not b1.reused
+    # training the same (already completed) feedback again is a no-op
+    fb = SimpleNamespace(session=s, round=0, marks=s.marks_for(0), batch=b)
+    with torch.inference_mode():
+        assert not pack.host.train(mp, s, fb).trained
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_only_lora(pack, comfy, kind):
+    import comfy.samplers
+    host = pack.host
+    mp = make_model(kind)
+    names = host.lora_targets(mp)
+    assert len(names) > 0 and all(n.endswith(host.TARGET_SUFFIXES) for n in names)
+    tensors = host.initial_lora(mp, names, 4, 4.0, 0)
+    for n in names:  # non-zero up so every LoRA tensor gets a gradient
+        tensors[f"{n}.up"] = torch.randn_like(tensors[f"{n}.up"]) * 0.01
+    pos, neg = make_conds(kind)
+    with torch.inference_mode():  # as inside a node
+        with torch.inference_mode(False), torch.enable_grad():
+            tr, params = host.attach_lora(mp, tensors, names, trainable=True, copy_others=True)
+            g = comfy.samplers.CFGGuider(tr)
+            g.set_conds(pos, neg)
+            g.set_cfg(4.0)
+            sig = comfy.samplers.calculate_sigmas(tr.get_model_object("model_sampling"),
+                                                  "ddim_uniform", 3)
+
+            def run(model_wrap, extra_args, noise):
+                model_wrap.conds = host._clone_conds(model_wrap.conds)
+                den = host.make_denoiser(model_wrap, extra_args)
+                x = torch.randn(2, 4, 8, 8)
+                eps = den(x, torch.tensor([500, 200]), torch.tensor([0.3, 0.7]), torch.arange(2))
+                eps.pow(2).mean().backward()
+                return noise
+            noise = torch.zeros(2, 4, 8, 8)
+            g.sample(noise, noise.clone(), host._sampler_base()(run), sig, seed=0)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params.values())
+    base = list(mp.model.parameters())
+    leaked = [n for n, p in mp.model.named_parameters() if p.grad is not None]
+    assert base and not leaked, leaked[:5]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_model_untouched(pack, dirs, kind):
+    mp = make_model(kind)
+    before_w = weights_digest(mp)
+    before_k = ksample(mp, kind)
+    s = new_session(pack, dirs["output"])
+    r = mark_and_train(pack, mp, s, gen(pack, mp, kind, s))
+    assert weights_digest(mp) == before_w, "HERO training changed the model's weights"
+    ksample(r.model, kind)  # the LoRA model runs in between (ComfyUI patches lazily)
+    assert torch.equal(ksample(mp, kind), before_k), "plain KSampler output changed after HERO"
+    assert weights_digest(mp) == before_w
+
+
+def random_kohya_lora(pack, mp, kind, scale=0.5):
+    host = pack.host
+    names = host.lora_targets(mp)
+    kohya = host.kohya_names(mp, kind, names)
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for n in names[: len(names) // 2]:
+        w = host._module(mp, n).weight
+        sd[f"{kohya[n]}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * scale
+        sd[f"{kohya[n]}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * scale
+        sd[f"{kohya[n]}.alpha"] = torch.tensor(2.0)
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["sd15"])
+def test_lora_loaded_before_hero_still_applies(pack, dirs, kind):
+    import comfy.sd
+    mp = make_model(kind)
+    with torch.inference_mode():
+        mp2 = comfy.sd.load_lora_for_models(mp, None, random_kohya_lora(pack, mp, kind), 1.0, 0)[0]
+    b1 = gen(pack, mp, kind, new_session(pack, dirs["output"], "plain"))
+    b2 = gen(pack, mp2, kind, new_session(pack, dirs["output"], "lora"))
+    assert (b1.latent - b2.latent).abs().max() > 1e-3, "the LoRA loaded before HERO was ignored"
+    # and training on top of it works
+    s = new_session(pack, dirs["output"], "lora2")
+    assert mark_and_train(pack, mp2, s, gen(pack, mp2, kind, s)).trained
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.msgs = []
+
+    def emit(self, record):
+        self.msgs.append(record.getMessage())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_round_trip(pack, dirs, kind):
+    import comfy.sd
+    import comfy.utils
+    from safetensors import safe_open
+    mp = make_model(kind)
+    s = new_session(pack, dirs["output"])
+    r = mark_and_train(pack, mp, s, gen(pack, mp, kind, s))
+    res = pack.host.export_lora(s, "hero_test")
+    p = Path(res["path"])
+    assert p == dirs["loras"] / "hero" / "hero_test_r0001.safetensors" and p.is_file()
+    import folder_paths
+    assert "hero/hero_test_r0001.safetensors" in folder_paths.get_filename_list("loras")
+    with safe_open(str(p), "pt") as f:
+        md = f.metadata()
+        keys = list(f.keys())
+    assert md["ss_network_module"] == "networks.lora" and md["hero_session_id"] == "s1"
+    assert md["ss_base_model_version"] == ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")
+    assert md["modelspec.architecture"] and md["hero_round"] == "1"
+    prefix = "lora_unet_input_blocks_" if kind == "sdxl" else "lora_unet_down_blocks_"
+    assert any(k.startswith(prefix) for k in keys)
+    assert all(k.startswith("lora_unet_") for k in keys)
+    names = pack.host.lora_targets(mp)
+    h = _Collect()
+    logging.getLogger().addHandler(h)
+    try:
+        with torch.inference_mode():
+            lora = comfy.utils.load_torch_file(str(p), safe_load=True)
+            loaded, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
+    finally:
+        logging.getLogger().removeHandler(h)
+    assert not [m for m in h.msgs if "lora key not loaded" in m], h.msgs
+    assert len([k for k in loaded.patches if k.startswith("diffusion_model.")]) == len(names)
+    a, b = ksample(r.model, kind), ksample(loaded, kind)
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), (a - b).abs().max()
+    # ApplyLoRA gives the same model as HERO_Train
+    with torch.inference_mode():
+        m3, applied = pack.host.apply_lora(mp, s, 1.0)
+    assert applied and torch.equal(ksample(m3, kind), a)
+
+
+def test_bad_inputs(pack, dirs, comfy):
+    import comfy.model_base
+    host = pack.host
+    vp = make_model("sd15", model_type=comfy.model_base.ModelType.V_PREDICTION)
+    with pytest.raises(host.HeroHostError, match="V_PREDICTION.*not supported|v-prediction"):
+        host.model_family(vp)
+    mp = make_model("sd15")
+    s = new_session(pack, dirs["output"])
+    pos, neg = make_conds("sd15")
+    with pytest.raises(host.HeroHostError, match="VAE"):
+        with torch.inference_mode():
+            host.generate(mp, pos, neg, None, s, width=64, height=64)
+    for bad in ("../evil", "a/b", "x y", "", "a" * 65, "..\\x"):
+        with pytest.raises(ValueError, match="invalid session id"):
+            pack.nodes.open_session(bad, pack.engine_session.HeroConfig())
+    assert not (dirs["output"].parent / "evil").exists()
+    with pytest.raises(host.HeroHostError, match="filename_prefix"):
+        host.export_path("../x", 1)
+    # a batch/feedback from another session
+    b = gen(pack, mp, "sd15", s)
+    s.record_marks(0, pack.feedback.Marks([0, 1], [2, 3], 0))
+    other = new_session(pack, dirs["output"], "other")
+    fb = SimpleNamespace(session=s, round=0, marks=s.marks_for(0), batch=b)
+    with pytest.raises(host.HeroHostError, match="belongs to session 's1'.*'other'"):
+        with torch.inference_mode():
+            host.train(mp, other, fb)
+    # export before any trained round
+    with pytest.raises(host.HeroHostError, match="no trained LoRA"):
+        host.export_lora(other, "x")
+    # a session trained on another model refuses a different architecture
+    with torch.inference_mode():
+        assert host.train(mp, s, fb).trained
+    with pytest.raises(host.HeroHostError, match="checkpoint the session was started with"):
+        with torch.inference_mode():
+            host.apply_lora(make_model("sdxl"), s, 1.0)
+
+
+def test_node_schemas(pack):
+    """Every node: category HERO, a description, a tooltip on every input."""
+    nodes = pack.nodes.NODES
+    ids = set()
+    for cls in nodes:
+        sch = cls.define_schema()
+        ids.add(sch.node_id)
+        assert sch.category == "HERO" and sch.description
+        for inp in sch.inputs:
+            assert inp.tooltip, f"{sch.node_id}.{inp.id} has no tooltip"
+    assert ids == {"HERO_Session", "HERO_Generate", "HERO_Train", "HERO_ApplyLoRA",
+                   "HERO_ExportLoRA"}
+
+
+def test_metrics_plot(pack):
+    img = pack.nodes.metrics_plot([{"round": 0, "labels_used": 4, "good_rate": 0.5,
+                                    "triplet_loss_last": 0.4, "reward_std": 0.1},
+                                   {"round": 1, "labels_used": 8, "good_rate": 0.75,
+                                    "triplet_loss_last": 0.3, "reward_std": 0.2}])
+    assert img.shape == (1, 512, 768, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert pack.nodes.metrics_plot([]).shape == (1, 512, 768, 3)
+
+
+@pytest.mark.skipif(os.environ.get("HERO_INPROCESS_CHILD") == "1", reason="child run")
+def test_inprocess_old_host():
+    """The same in-process tests on the older supported ComfyUI (0.3.64)."""
+    if not (OLD_PATH / "comfy" / "samplers.py").is_file():
+        pytest.skip(f"HERO_COMFYUI_OLD_PATH={OLD_PATH} not found")
+    if Path(os.path.realpath(OLD_PATH)) == Path(os.path.realpath(COMFYUI_PATH)):
+        pytest.skip("COMFYUI_PATH is already the old host")
+    env = dict(os.environ, COMFYUI_PATH=str(OLD_PATH), HERO_INPROCESS_CHILD="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(Path(__file__))], cwd=str(REPO), env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
