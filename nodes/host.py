@@ -492,6 +492,8 @@ def train(model, session: Session, feedback) -> TrainResult:
     tensors = session_lora(session, model, names)
     device = mm.get_torch_device()
     progress = _progress(100)
+    log.info("HERO: session %s round %d: training (%d marks)", session.session_id, k,
+             feedback.marks.count)
     with torch.inference_mode(False), torch.enable_grad():
         plan = hero_loop.prepare_learning(session, device=device, progress=progress)
         mp, params = attach_lora(model, tensors, names, trainable=True, copy_others=True)
