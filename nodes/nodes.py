@@ -245,7 +245,8 @@ class HERO_Train(io.ComfyNode):
                 SessionT.Input("session", tooltip="From HERO Session."),
                 Feedback.Input("feedback", tooltip="The round's marks, from HERO Feedback."),
             ],
-            outputs=[io.Model.Output("model", tooltip="The model with the session's LoRA applied."),
+            outputs=[io.Model.Output("lora_model", display_name="model",
+                                     tooltip="The model with the session's LoRA applied."),
                      io.Image.Output("metrics", tooltip="Marks used, good rate, triplet loss and "
                                                         "reward spread per round.")],
         )
@@ -281,7 +282,8 @@ class HERO_ApplyLoRA(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="LoRA strength (1.0 = as trained)."),
             ],
-            outputs=[io.Model.Output("model", tooltip="The model with the session's LoRA.")],
+            outputs=[io.Model.Output("lora_model", display_name="model",
+                                     tooltip="The model with the session's LoRA.")],
         )
 
     fingerprint_inputs = classmethod(_nan)

@@ -262,6 +262,8 @@ def test_node_schemas(pack):
     ids = set()
     for cls in nodes:
         sch = cls.define_schema()
+        if hasattr(sch, "validate"):
+            sch.validate()  # 0.3.64: ids unique between inputs and outputs, etc.
         ids.add(sch.node_id)
         assert sch.category == "HERO" and sch.description
         for inp in sch.inputs:
