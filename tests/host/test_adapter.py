@@ -293,3 +293,33 @@ def test_inprocess_old_host():
                         str(Path(__file__))], cwd=str(REPO), env=env, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_interrupt_generate_and_train(pack, dirs, comfy):
+    """ComfyUI's interrupt stops sampling and training; nothing half-done is committed."""
+    mm = comfy
+    mp = make_model("sd15")
+    s = new_session(pack, dirs["output"])
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            gen(pack, mp, "sd15", s)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert s.pending() is None, "an interrupted generation must not store a batch"
+    b = gen(pack, mp, "sd15", s)
+    s.record_marks(0, pack.feedback.Marks([0, 1], [2, 3], 0))
+    fb = SimpleNamespace(session=s, round=0, marks=s.marks_for(0), batch=b)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            with torch.inference_mode():
+                pack.host.train(mp, s, fb)
+    finally:
+        mm.interrupt_current_processing(False)
+    s2 = pack.engine_session.Session.open(s.path)
+    assert s2.round == 0 and s2.marks_for(0) is not None and s2.load_state() == {}
+    with torch.inference_mode():
+        assert pack.host.train(mp, s2, SimpleNamespace(session=s2, round=0, marks=s2.marks_for(0),
+                                                       batch=b)).trained
+    assert s2.round == 1
