@@ -36,11 +36,14 @@ def demo(argv: list[str]) -> int:
                     choices=["hero", "hero-no-guidance", "ddpo-binary", "d3po"])
     ap.add_argument("--out", default="hero_out/demo", help="output folder")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.batch_size < 2:
         ap.error("--batch-size must be at least 2")
     rounds = a.rounds if a.budget is None else max(1, a.budget // a.batch_size)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = ExperimentSpec(task=a.task, method=a.method, rounds=rounds, batch_size=a.batch_size,
                           seed=a.seed, eval_n=a.eval_n, steps=a.steps, lr=a.lr)
     out = Path(a.out)

@@ -39,6 +39,10 @@ class ExperimentSpec:
     cfg: Optional[float] = None
     lr: float = 1e-3
     encoder_epochs: int = 500
+    # the official encoder (2048 -> 2048/1024/512) is sized for 4x64x64 SD latents; the toy's
+    # small images get a 4x narrower one so a round fits the CPU demo budget
+    encoder_trunk: int = 512
+    encoder_head: tuple = (512, 256, 128)
     score_fn: Optional[Callable[[Tensor, list], Tensor]] = None   # custom evaluator
     threshold: Optional[float] = None
     prompt: Optional[str] = None
@@ -64,7 +68,10 @@ def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
     return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg, budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
                       policy=PolicyConfig(lr=spec.lr),
-                      representation=RepresentationConfig(epochs=spec.encoder_epochs)).validate()
+                      representation=RepresentationConfig(epochs=spec.encoder_epochs,
+                                                          trunk_dim=spec.encoder_trunk,
+                                                          head_dims=tuple(spec.encoder_head))
+                      ).validate()
 
 
 def evaluate(be: DiffusersBackend, score_fn, threshold: float, n: int, steps: int, seed: int,

@@ -37,6 +37,7 @@ class RepresentationNet(nn.Module):
         self.convs = nn.ModuleList([nn.Conv2d(in_channels, 8, 3, padding=1),
                                     nn.Conv2d(8, 16, 3, padding=1),
                                     nn.Conv2d(16, 32, 3, padding=1)])
+        self.trunk_dim = trunk_dim
         self.fc = nn.Linear(32 * 8 * 8, trunk_dim)
         layers: list[nn.Module] = []
         d = trunk_dim
@@ -48,7 +49,7 @@ class RepresentationNet(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def trunk(self, f: Tensor) -> Tensor:
-        """h = E(f) in R^2048, elementwise >= 0 (reward features)."""
+        """h = E(f) in R^trunk_dim (2048), elementwise >= 0 (reward features)."""
         if f.dim() != 4 or f.shape[1] != self.in_channels:
             raise ValueError(f"representation net expects latents [B, {self.in_channels}, H, W], "
                              f"got {tuple(f.shape)}; the session was created for "
@@ -99,6 +100,8 @@ class RepresentationConfig:
     margin: float = 0.5
     batch_size: int = 2048
     official_dim0_bug: bool = False
+    trunk_dim: int = 2048            # official: 2048 (sized for 4x64x64 SD latents)
+    head_dims: tuple = (2048, 1024, 512)
 
 
 class RepresentationTrainer:
@@ -109,7 +112,8 @@ class RepresentationTrainer:
         self.config = config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.net = RepresentationNet(in_channels).to(device)
+            self.net = RepresentationNet(in_channels, config.trunk_dim,
+                                         tuple(config.head_dims)).to(device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.999))
 
     @property
@@ -127,12 +131,19 @@ class RepresentationTrainer:
         a = best_feature.to(self.device).float().unsqueeze(0)
         self.net.train()
         losses = []
+        fa = torch.cat([a, f])  # row 0 = anchor, row 1 + i = image i
         for _ in range(cfg.epochs):
             p, q = sample_triplets(n, good, bad, best, generator)
             for s in range(0, n, cfg.batch_size):
                 pp, qq = p[s:s + cfg.batch_size], q[s:s + cfg.batch_size]
-                z = self.net(torch.cat([a, f[pp], f[qq]]))
-                za, zp, zn = z[:1].expand(len(pp), -1), z[1:1 + len(pp)], z[1 + len(pp):]
+                # embed each distinct image once and index the triplets out of it: the same loss
+                # and gradient as embedding every (a, p, n) row, at (N + 1) / (2B + 1) the cost
+                used = torch.unique(torch.cat([pp, qq]))
+                z_used = self.net(torch.cat([fa[:1], fa[1 + used]]))
+                pos = torch.full((n,), -1, dtype=torch.long)
+                pos[used] = torch.arange(1, len(used) + 1)
+                za = z_used[:1].expand(len(pp), -1)
+                zp, zn = z_used[pos[pp]], z_used[pos[qq]]
                 loss = triplet_loss(za, zp, zn, cfg.margin, cfg.official_dim0_bug)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("representation loss is not finite; the encoder "

@@ -102,7 +102,10 @@ class HeroConfig:
     def from_json(cls, d: dict) -> "HeroConfig":
         d = dict(d)
         pol = PolicyConfig(**d.pop("policy", {}))
-        rep = RepresentationConfig(**d.pop("representation", {}))
+        rep = d.pop("representation", {})
+        if "head_dims" in rep:
+            rep["head_dims"] = tuple(rep["head_dims"])
+        rep = RepresentationConfig(**rep)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
