@@ -1,4 +1,4 @@
-"""Procedural toy images: coloured shapes on black, 32x32 RGB in [0, 1], with an English prompt each.
+"""Procedural toy images: coloured shapes on a mid-grey canvas, 32x32 RGB in [0, 1], with an English prompt each.
 
 Shapes are drawn analytically from signed distance functions (1-pixel anti-aliasing), numpy only.
 Every draw takes a ``numpy.random.Generator``, so a seed reproduces the data exactly.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 H = W = 32
+BACKGROUND = 0.5  # mid-grey canvas: the latent (2 * image - 1) has mean ~0, like the initial noise
 COLOURS = {
     "red": (0.95, 0.15, 0.15),
     "green": (0.15, 0.85, 0.20),
@@ -64,8 +65,8 @@ def shape_sdf(shape: str, cy: float, cx: float, r: float) -> np.ndarray:
 
 
 def draw(items: list[tuple[str, str, float, float, float]]) -> np.ndarray:
-    """Render ``[(shape, colour, cy, cx, r), ...]`` onto black; returns float32 [3, H, W] in [0, 1]."""
-    img = np.zeros((3, H, W), np.float32)
+    """Render ``[(shape, colour, cy, cx, r), ...]`` onto the grey canvas; float32 [3, H, W] in [0, 1]."""
+    img = np.full((3, H, W), BACKGROUND, np.float32)
     for shape, colour, cy, cx, r in items:
         a = np.clip(0.5 - shape_sdf(shape, float(cy), float(cx), float(r)), 0.0, 1.0).astype(np.float32)[None]
         img = img * (1 - a) + a * np.asarray(COLOURS[colour], np.float32)[:, None, None]

@@ -24,10 +24,12 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8,
+    resnet_time_scale_shift="scale_shift",  # AdaGN time conditioning (helps a small model)
 )
 TEXT_CONFIG = dict(max_length=12, dim=64, layers=2, heads=4)
-SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001,
-                       beta_end=0.02, prediction_type="epsilon")
+# SD1.5's schedule (DDPMScheduler-compatible): scaled_linear betas, 1000 steps, epsilon prediction
+SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, prediction_type="epsilon")
 
 
 def default_config() -> dict:
@@ -80,8 +82,10 @@ class ToyModel:
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "ToyModel":
-        self.unet.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        """Move/cast the UNet and the text encoder (the schedule stays float32)."""
+        cast = dtype is not None and dtype != self.dtype
+        for m in (self.unet, self.text_encoder):
+            m.to(device=device, dtype=dtype) if cast else m.to(device)
         return self
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:

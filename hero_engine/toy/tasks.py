@@ -18,25 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import COLOUR_NAMES, COLOURS, TASK_PROMPTS
+from .data import BACKGROUND, COLOUR_NAMES, COLOURS, TASK_PROMPTS
 
-FG_THRESHOLD = 0.35  # a pixel is foreground if its brightest channel is at least this
 MIN_AREA = 4  # components smaller than this (pixels) are noise
-
-
-def foreground(images: Tensor) -> Tensor:
-    """[B, H, W] bool: pixels brighter than the black background."""
-    return images.amax(1) >= FG_THRESHOLD
+MAX_FG_FRACTION = 0.4  # the training images never cover more; busier images are noise and fail every task
 
 
 def colour_index(images: Tensor) -> Tensor:
-    """[B, H, W] long: nearest palette colour (after normalising brightness) per pixel; -1 = background."""
-    pal = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=images.dtype, device=images.device)
-    pal = pal / pal.amax(1, keepdim=True)
-    px = images / images.amax(1, keepdim=True).clamp_min(1e-6)  # [B, 3, H, W]
-    d = ((px.unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [B, K, H, W]
+    """[B, H, W] long: the nearest of the palette colours and the grey background (RGB distance)
+    per pixel; -1 = background."""
+    pal = [COLOURS[c] for c in COLOUR_NAMES] + [(BACKGROUND,) * 3]
+    pal = torch.tensor(pal, dtype=images.dtype, device=images.device)
+    d = ((images.unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [B, K+1, H, W]
     idx = d.argmin(1)
-    return torch.where(foreground(images), idx, torch.full_like(idx, -1))
+    return torch.where(idx == len(COLOUR_NAMES), torch.full_like(idx, -1), idx)
+
+
+def foreground(images: Tensor) -> Tensor:
+    """[B, H, W] bool: pixels nearer to a palette colour than to the grey background."""
+    return colour_index(images) >= 0
 
 
 def colour_mask(images: Tensor, colour: str) -> Tensor:
@@ -89,8 +89,8 @@ def components(mask: Tensor, min_area: int = MIN_AREA) -> list[list[dict]]:
     return out
 
 
-ROUND_MAX_MOMENT = 1.045
-ROUND_MAX_FILL = 0.95
+ROUND_MAX_MOMENT = 1.085  # clean discs <= 1.055, squares fill their bbox, crosses >= 1.09
+ROUND_MAX_FILL = 0.98
 
 
 def is_round(c: dict) -> bool:
@@ -148,12 +148,19 @@ class ToyTask:
     description: str
     threshold: float
     score_fn: Callable[[Tensor, list], Tensor] = field(repr=False)
+    fail_score: float = -1.0  # the score of a noise image (busier than MAX_FG_FRACTION)
     cfg: float | None = None  # per-task guidance scale (None = the model's default)
 
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """[B] float scores (higher = better) for images [B, 3, H, W] in [0, 1]."""
         images = images.detach().float().cpu().clamp(0, 1)
-        return self.score_fn(images, prompts)
+        noisy = foreground(images).flatten(1).float().mean(1) > MAX_FG_FRACTION
+        s = torch.full((images.shape[0],), self.fail_score, dtype=torch.float32)
+        if (~noisy).any():
+            keep = torch.nonzero(~noisy).flatten()
+            sub = [prompts[i] for i in keep.tolist()] if prompts is not None and len(prompts) == len(s) else prompts
+            s[keep] = self.score_fn(images[keep], sub).float()
+        return s
 
     def success(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """[B] bool: the image satisfies the task intent (score >= threshold)."""
@@ -162,12 +169,15 @@ class ToyTask:
 
 TASKS: dict[str, ToyTask] = {
     "count": ToyTask("count", TASK_PROMPTS["count"],
-                     "counting: exactly three circles (the prompt does not say how many)", -0.25, score_count),
+                     "counting: exactly three circles (the prompt does not say how many)", -0.25, score_count,
+                     fail_score=-3.0),
     "colour": ToyTask("colour", TASK_PROMPTS["colour"],
                       "personalisation: the square is blue (the prompt does not say which colour)", 0.5,
-                      score_colour),
+                      score_colour, fail_score=0.0),
     "spatial": ToyTask("spatial", TASK_PROMPTS["spatial"],
-                       "spatial reasoning: the red circle is above the blue square", 0.0, score_spatial),
+                       "spatial reasoning: the red circle is above the blue square", 0.0, score_spatial,
+                       fail_score=-1.0),
     "removal": ToyTask("removal", TASK_PROMPTS["removal"],
-                       "removal (NSFW analogue): no red cross in the scene (area <= 5 px)", -0.5, score_removal),
+                       "removal (NSFW analogue): no red cross in the scene (area <= 5 px)", -0.5, score_removal,
+                       fail_score=-10.0),
 }

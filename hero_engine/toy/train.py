@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--uncond-prob", type=float, default=0.1)
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0 = plain MSE)")
+    ap.add_argument("--init", default=None, help="warm-start from a weights dir (continue training)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250)
@@ -51,6 +53,12 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     model = ToyModel(default_config())
     unet, te = model.unet, model.text_encoder
+    if args.init:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(args.init) / "toy_model.safetensors"))
+        unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
+        te.load_state_dict({k[13:]: v.float() for k, v in sd.items() if k.startswith("text_encoder.")})
     unet.train(); te.train()
     params = list(unet.parameters()) + list(te.parameters())
     print(f"params: unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, "
@@ -74,7 +82,11 @@ def main(argv=None) -> None:
         ab = ac[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         eps = unet(xt, t, encoder_hidden_states=model.encode_prompts(prompts)).sample
-        loss = torch.nn.functional.mse_loss(eps, noise)
+        per = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+        if args.min_snr > 0:  # min-SNR-gamma weighting for eps prediction: min(snr, gamma) / snr
+            snr = ab.flatten() / (1 - ab.flatten())
+            per = per * snr.clamp(max=args.min_snr) / snr
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -93,8 +105,8 @@ def main(argv=None) -> None:
                   f"{el/60:.1f} min ({el/step:.2f} s/step)", flush=True)
         if step % args.save_every == 0 or step == args.steps:
             meta = dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
-                        uncond_prob=args.uncond_prob, wall_s=round(time.time() - t0, 1),
-                        command=f"python -m hero_engine.toy.train --out {args.out} --steps {args.steps} --seed {args.seed}")
+                        uncond_prob=args.uncond_prob, min_snr=args.min_snr, init=args.init, wall_s=round(time.time() - t0, 1),
+                        command=f"python -m hero_engine.toy.train --out {args.out} --steps {args.steps} --seed {args.seed} --threads {args.threads}")
             save(model, ema, Path(args.out), meta)
 
 
