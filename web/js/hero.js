@@ -163,14 +163,15 @@ function renderNodePanel(node) {
     const grid = el("div", { class: "hero-node-grid" },
       r.images.slice(0, nThumbs).map((img, i) => el("img", { src: viewURL(img), alt: `image ${i + 1}`,
                                                             loading: "lazy" })));
-    box.append(
+    box.append(...[
       el("div", { class: "hero-node-title",
                   text: `Round ${r.round} of "${r.session}": ${r.n} images wait for your marks` }),
       grid,
       r.images.length > nThumbs ? el("div", { class: "hero-node-more",
                                               text: `+${r.images.length - nThumbs} more` }) : null,
       el("button", { class: "hero-btn hero-primary", "data-hero": "open",
-                     onclick: (e) => { e.stopPropagation(); openOverlay(r); } }, "Open marking panel"));
+                     onclick: (e) => { e.stopPropagation(); openOverlay(r); } }, "Open marking panel"),
+    ].filter(Boolean)); // DOM append() would print a null as the text "null"
   } else {
     box.classList.remove("hero-waiting");
     const last = answered.get(String(node.id));
@@ -466,8 +467,11 @@ async function refreshSidebar() {
         s.best_url ? el("img", { class: "hero-card-best", alt: "best image",
                                  src: api.apiURL(s.best_url) + `?t=${Math.round(s.mtime || 0)}` }) : null,
         el("div", { class: "hero-help",
-                    text: exp ? `last LoRA: ${typeof exp === "string" ? exp : exp.filename || exp.path}` : "no LoRA exported yet" }),
-        el("button", { class: "hero-btn", onclick: (e) => exportSession(s.session_id, e.currentTarget) },
+                    text: exp ? `last LoRA: ${typeof exp === "string" ? exp : exp.file || exp.filename || exp.path}` +
+                                 (exp.round !== undefined ? ` (round ${exp.round})` : "") : "no LoRA exported yet" }),
+        el("button", { class: "hero-btn", "data-hero": "export", disabled: !s.good_rate?.length,
+                       title: s.good_rate?.length ? "Write the LoRA to models/loras/hero/" : "Complete a round first",
+                       onclick: (e) => exportSession(s.session_id, e.currentTarget) },
            "Export LoRA"));
     })].flat().filter(Boolean));
 }
