@@ -1,7 +1,8 @@
 """In-process host tests: the ComfyUI adapter (nodes/host.py) on tiny SD1.5- and SDXL-shaped models.
 
 Run: ``~/comfy/venv/bin/python -m pytest tests/host/test_adapter.py`` (COMFYUI_PATH selects the
-host; ``test_inprocess_old_host`` repeats the suite on HERO_COMFYUI_OLD_PATH in a child process)."""
+host; ``test_inprocess_old_host`` repeats this file and test_export_diffusers.py, interrupt test
+included, on HERO_COMFYUI_OLD_PATH in a child process)."""
 from __future__ import annotations
 
 import hashlib
@@ -289,10 +290,16 @@ def test_inprocess_old_host():
     if Path(os.path.realpath(OLD_PATH)) == Path(os.path.realpath(COMFYUI_PATH)):
         pytest.skip("COMFYUI_PATH is already the old host")
     env = dict(os.environ, COMFYUI_PATH=str(OLD_PATH), HERO_INPROCESS_CHILD="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(Path(__file__))], cwd=str(REPO), env=env, capture_output=True,
+    files = [Path(__file__), Path(__file__).parent / "test_export_diffusers.py"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rA", "-p", "no:cacheprovider",
+                        *map(str, files)], cwd=str(REPO), env=env, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # these ran (not skipped) on the old host
+    for t in ("test_adapter.py::test_interrupt_generate_and_train",
+              "test_adapter.py::test_export_round_trip[sd15]",
+              "test_export_diffusers.py::test_exported_lora_loads_in_diffusers_sd15"):
+        assert f"PASSED tests/host/{t}" in r.stdout, r.stdout[-3000:]
 
 
 def test_interrupt_generate_and_train(pack, dirs, comfy):
