@@ -9,16 +9,20 @@ file). Round 1 is queued: the panel shows the current best beside the grid. The 
 Export button runs the real exporter (POST /hero/export) and the file appears in models/loras/hero/.
 Then the same flow with the Vue node renderer (``Comfy.VueNodes.Enabled``, front end >= 1.2x).
 
-One server per module (the tests share it and the session). Screenshots: artifacts/browser/<host>/.
+One server per host (the two tests share it and the session): COMFYUI_PATH, and also
+HERO_COMFYUI_OLD_PATH (default ~/comfy/ComfyUI-0.3.64) when present. Screenshots:
+artifacts/browser/<host folder name>/real_*.png.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, REPO, shot
+from tests.browser.conftest import ARTIFACTS, REPO
 from tests.support import comfy_server as cs
 
 WORKFLOW = REPO / "example_workflows" / "hero_sd15_round.json"
@@ -34,21 +38,38 @@ LOW = {
 }
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory, checkpoint):
+def _hosts() -> list:
+    """COMFYUI_PATH, plus HERO_COMFYUI_OLD_PATH (default ~/comfy/ComfyUI-0.3.64) when it is there."""
+    hosts = [cs.comfy_path()]
+    old = Path(os.path.expanduser(os.environ.get("HERO_COMFYUI_OLD_PATH", "~/comfy/ComfyUI-0.3.64")))
+    if (old / "main.py").is_file() and os.path.realpath(old) != os.path.realpath(hosts[0]):
+        hosts.append(old)
+    return hosts
+
+
+@pytest.fixture(scope="module", params=_hosts(), ids=lambda p: p.name)
+def real_server(request, tmp_path_factory, checkpoint):
     if not (REPO / "__init__.py").is_file() or not WORKFLOW.is_file():
         pytest.skip(f"the real pack or {WORKFLOW.name} is not there yet")
+    cpath = request.param
     base = tmp_path_factory.mktemp("comfy_real")
-    srv = cs.ComfyServer(base, checkpoint=checkpoint, pack_dir=REPO)
+    srv = cs.ComfyServer(base, checkpoint=checkpoint, pack_dir=REPO, cpath=cpath)
+    srv.artifacts = ARTIFACTS.parent / cpath.name  # one screenshot folder per host
     srv.start()
     srv.post("/settings/Comfy.TutorialCompleted", True)
     yield srv
     srv.stop()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    srv.artifacts.mkdir(parents=True, exist_ok=True)
     try:
-        (ARTIFACTS / "server-real.log").write_text(srv.log_path.read_text(errors="replace"))
+        (srv.artifacts / "server-real.log").write_text(srv.log_path.read_text(errors="replace"))
     except OSError:
         pass
+
+
+def shot(page, name):
+    d = page.hero_artifacts
+    d.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(d / f"{name}.png"))
 
 
 @pytest.fixture
@@ -59,9 +80,10 @@ def real_page(browser, real_server):
     page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: logs.append(f"pageerror: {e}\n{getattr(e, 'stack', '')}"))
     page.hero_logs = logs
+    page.hero_artifacts = real_server.artifacts
     yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "console-real.log").open("a").write("\n".join(logs) + "\n----\n")
+    real_server.artifacts.mkdir(parents=True, exist_ok=True)
+    (real_server.artifacts / "console-real.log").open("a").write("\n".join(logs) + "\n----\n")
     ctx.close()
 
 

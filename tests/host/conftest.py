@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMFYUI_PATH = Path(os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/comfy/ComfyUI")))
-OLD_PATH = Path(os.path.expanduser(os.environ.get("HERO_COMFYUI_OLD_PATH", "~/comfy/ComfyUI-0.3.64")))
-HAVE_COMFY = (COMFYUI_PATH / "comfy" / "samplers.py").is_file()
-
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 for _p in (Path(__file__).parent, REPO / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+from host_paths import COMFYUI_PATH, HAVE_COMFY, OLD_PATH  # noqa: E402,F401
 
 
 def _setup_comfy() -> None:

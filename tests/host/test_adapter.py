@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import COMFYUI_PATH, OLD_PATH, REPO
+from host_paths import COMFYUI_PATH, OLD_PATH, REPO
 from tiny_models import TinyVAE, make_conds, make_model
 
 KINDS = ["sd15", "sdxl"]
