@@ -67,3 +67,14 @@ def pack(comfy):
                            engine_session=import_pack_module("hero_engine.session"),
                            feedback=import_pack_module("hero_engine.feedback"),
                            lora=import_pack_module("hero_engine.lora"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    """HERO_TEST_THREADS=1 on a machine busy with other work (as tests/engine; the test servers
+    get OMP_NUM_THREADS from it too, tests/support/comfy_server.py)."""
+    n = os.environ.get("HERO_TEST_THREADS")
+    if n:
+        import torch
+        torch.set_num_threads(int(n))
+    yield

@@ -192,6 +192,9 @@ class ComfyServer:
         logf.write(f"\n==== start {time.ctime()} {' '.join(self.command())}\n".encode())
         logf.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        threads = os.environ.get("HERO_TEST_THREADS")
+        if threads:  # a busy machine: OpenMP threads waiting for a core slow small ops ~20x
+            env["OMP_NUM_THREADS"] = threads
         shim = self._templates_shim()
         if shim:
             env["PYTHONPATH"] = shim + os.pathsep + env.get("PYTHONPATH", "")
