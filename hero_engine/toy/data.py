@@ -35,6 +35,7 @@ TASK_PROMPTS = {
     "spatial": "a red circle and a blue square",
     "removal": "a scene with a green triangle",
 }
+PERSONAL_COLOUR = "yellow"  # the colour task's hidden intent (the base model over-draws blue squares)
 CROSS_PROB = 0.75  # how often a "scene with ..." contains the unwanted red cross
 
 _YY, _XX = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
@@ -226,7 +227,7 @@ def task_truth(task: str, items: list) -> bool:
     if task == "count":
         return len(items) == 3 and all(s == "circle" for s, *_ in items)
     if task == "colour":
-        return all(c == "blue" for _, c, *_ in items)
+        return all(c == PERSONAL_COLOUR for _, c, *_ in items)
     if task == "spatial":
         red = [it for it in items if it[1] == "red"]
         blue = [it for it in items if it[1] == "blue"]

@@ -64,7 +64,8 @@ def sample_images(model: ToyModel, prompt: str, n: int, seed: int, steps: int | 
 
 
 def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale: int = 2) -> None:
-    """PNG grid; each tile framed white if the evaluator calls it a success, dark grey otherwise."""
+    """PNG grid (64-colour palette); each tile framed white if the evaluator calls it a success,
+    dark grey otherwise."""
     from PIL import Image
 
     n = images.shape[0]
@@ -78,6 +79,7 @@ def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale
         grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
     img = Image.fromarray((grid * 255).round().astype(np.uint8))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.quantize(64, dither=Image.Dither.NONE)  # a 64-colour palette keeps the PNGs small
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
 

@@ -4,7 +4,7 @@ Each task prompt is under-specified: the base model draws varied images for it, 
 satisfy the task's hidden intent (the evaluator). Higher score = better; good iff score >= threshold.
 
 - ``count``   "circles"                          -> exactly three round blobs
-- ``colour``  "a square"                         -> the drawn shape is blue (personalisation)
+- ``colour``  "a square"                         -> the drawn shape is yellow (personalisation)
 - ``spatial`` "a red circle and a blue square"   -> the red thing is above the blue thing
 - ``removal`` "a scene with a green triangle"    -> no red cross (the unwanted element; NSFW analogue)
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import BACKGROUND, COLOUR_NAMES, COLOURS, TASK_PROMPTS
+from .data import BACKGROUND, COLOUR_NAMES, COLOURS, PERSONAL_COLOUR, TASK_PROMPTS
 
 MIN_AREA = 4  # components smaller than this (pixels) are noise
 MAX_FG_FRACTION = 0.4  # the training images never cover more; busier images are noise and fail every task
@@ -106,7 +107,7 @@ def score_count(images: Tensor, prompts=None, target: int = 3) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def score_colour(images: Tensor, prompts=None, colour: str = "blue") -> Tensor:
+def score_colour(images: Tensor, prompts=None, colour: str = PERSONAL_COLOUR) -> Tensor:
     """Fraction of foreground pixels that are ``colour`` (0 for an empty image)."""
     fg = foreground(images).flatten(1).sum(1).float()
     hit = colour_mask(images, colour).flatten(1).sum(1).float()
@@ -172,8 +173,8 @@ TASKS: dict[str, ToyTask] = {
                      "counting: exactly three circles (the prompt does not say how many)", -0.25, score_count,
                      fail_score=-3.0),
     "colour": ToyTask("colour", TASK_PROMPTS["colour"],
-                      "personalisation: the square is blue (the prompt does not say which colour)", 0.5,
-                      score_colour, fail_score=0.0),
+                      "personalisation: the square is yellow (the prompt does not say which colour)", 0.5,
+                      partial(score_colour, colour=PERSONAL_COLOUR), fail_score=0.0),
     "spatial": ToyTask("spatial", TASK_PROMPTS["spatial"],
                        "spatial reasoning: the red circle is above the blue square", 0.0, score_spatial,
                        fail_score=-1.0),

@@ -65,8 +65,12 @@ def main(argv=None) -> None:
           f"text {sum(p.numel() for p in te.parameters())/1e6:.3f}M", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     warm = min(200, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine from 1 to 0.1
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        return min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * cos)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     named = {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
              **{f"text_encoder.{k}": v for k, v in te.state_dict().items()}}
     ema = {k: v.detach().clone().float() for k, v in named.items()}
@@ -105,8 +109,10 @@ def main(argv=None) -> None:
                   f"{el/60:.1f} min ({el/step:.2f} s/step)", flush=True)
         if step % args.save_every == 0 or step == args.steps:
             meta = dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
-                        uncond_prob=args.uncond_prob, min_snr=args.min_snr, init=args.init, wall_s=round(time.time() - t0, 1),
-                        command=f"python -m hero_engine.toy.train --out {args.out} --steps {args.steps} --seed {args.seed} --threads {args.threads}")
+                        uncond_prob=args.uncond_prob, min_snr=args.min_snr, init=args.init,
+                        wall_s=round(time.time() - t0, 1),
+                        command=f"python -m hero_engine.toy.train --out {args.out} --steps {args.steps} "
+                                f"--seed {args.seed} --threads {args.threads}")
             save(model, ema, Path(args.out), meta)
 
 
