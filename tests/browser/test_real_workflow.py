@@ -297,6 +297,8 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
                            timeout=15_000)
     page.wait_for_function(f"document.querySelector('{card} img.hero-card-best')?.naturalWidth > 0",
                            timeout=10_000)
+    page.get_by_text("HERO LoRA exported").first.wait_for(timeout=10_000)  # the toast
+    time.sleep(0.6)  # let it finish fading in for the screenshot
     shot(page, "real_05_sidebar_export")
     from safetensors import safe_open
     with safe_open(str(target), "pt") as f:
