@@ -256,6 +256,13 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     assert st == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     import struct
     assert struct.unpack(">II", png[16:24]) == (768, 512)  # HERO_Train's metrics chart
+    # the nodes' one-line reports (ui.text) are shown on the nodes
+    page.wait_for_function("[...document.querySelectorAll('.hero-status')].some(b => "
+                           "b.textContent.includes('wrote models/loras/hero/hero_r0001.safetensors'))",
+                           timeout=20_000)
+    status = page.eval_on_selector_all(".hero-status", "bs => bs.map(b => b.textContent)")
+    assert any("session browser_real: created, round 0" in t for t in status), status
+    assert any("policy loss" in t for t in status), status  # HERO Train's report
     show_node(page, "HERO_Train", dx=120, dy=60)
     shot(page, "real_03_round0_trained")
 

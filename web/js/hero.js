@@ -202,6 +202,34 @@ function attachNodePanel(node) {
   renderNodePanel(node);
 }
 
+// ---- status text of the other HERO nodes ---------------------------------------------------------
+// HERO_Session / Train / ApplyLoRA / ExportLoRA return their one-line report as ui.text (e.g. "wrote
+// models/loras/hero/x_r0003.safetensors", "kept the session's own settings for: ..."); the front end
+// does not draw ui.text on a node by itself, so it goes into a small read-only box, made on the
+// node's first report (nodes that never ran keep their saved size).
+
+const STATUS_CLASSES = new Set(["HERO_Session", "HERO_Train", "HERO_ApplyLoRA", "HERO_ExportLoRA"]);
+
+function showStatus(nodeId, text) {
+  const node = findNode(nodeId);
+  if (!node || !STATUS_CLASSES.has(node.comfyClass)) return;
+  if (!node._heroStatus) {
+    const box = el("div", { class: "hero-status" });
+    box.addEventListener("pointerdown", (e) => e.stopPropagation());
+    const w = node.addDOMWidget?.("hero_status", "hero_status", box, {
+      serialize: false, hideOnZoom: false, getValue: () => undefined, setValue: () => {},
+      getMinHeight: () => 40,
+    });
+    if (!w) return;
+    w.serialize = false;
+    node._heroStatus = { box, widget: w };
+    const sz = node.size || [300, 100];
+    node.setSize?.([sz[0], Math.max(sz[1], node.computeSize?.()[1] || 0)]);
+  }
+  node._heroStatus.box.textContent = text;
+  node.setDirtyCanvas?.(true, true);
+}
+
 // ---- the overlay ---------------------------------------------------------------------------------
 
 class Overlay {
@@ -508,6 +536,11 @@ app.registerExtension({
     api.addEventListener("executed", (e) => {
       const out = e.detail?.output?.hero_marks?.[0];
       if (out) { answered.set(String(e.detail.node), out); refreshNodes(); refreshSidebar(); }
+      const text = e.detail?.output?.text;
+      if (text?.length) {
+        try { showStatus(e.detail.node, [].concat(text).join("\n")); } catch (err) { console.warn("[HERO] status", err); }
+        if (findNode(e.detail.node)?.comfyClass === "HERO_Train") refreshSidebar();
+      }
     });
     api.addEventListener("reconnected", () => syncPending());
     api.addEventListener("execution_interrupted", () => syncPending());
