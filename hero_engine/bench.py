@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--eval-n", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-2, help="LoRA learning rate (toy scale)")
     ap.add_argument("--quick", action="store_true",
                     help="one task, hero vs ddpo-binary, one seed, 256 marks")
     ap.add_argument("--evaluator", default=None, help="module:function scoring images")

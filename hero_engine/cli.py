@@ -29,9 +29,14 @@ def demo(argv: list[str]) -> int:
                     help="feedback budget in labels (overrides --rounds: rounds = budget / batch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-n", type=int, default=256, help="fresh samples per success measurement")
+    ap.add_argument("--eval-n", type=int, default=256,
+                    help="fresh samples for the success before and after")
+    ap.add_argument("--eval-every", type=int, default=2,
+                    help="also measure success (on --eval-n-mid samples) every k rounds; 0 = never")
+    ap.add_argument("--eval-n-mid", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the toy's)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="LoRA learning rate (toy scale; the SD default is 1e-3)")
     ap.add_argument("--method", default="hero",
                     choices=["hero", "hero-no-guidance", "ddpo-binary", "d3po"])
     ap.add_argument("--out", default="hero_out/demo", help="output folder")
@@ -45,7 +50,8 @@ def demo(argv: list[str]) -> int:
         ap.error("--batch-size must be at least 2")
     rounds = a.rounds if a.budget is None else max(1, a.budget // a.batch_size)
     spec = ExperimentSpec(task=a.task, method=a.method, rounds=rounds, batch_size=a.batch_size,
-                          seed=a.seed, eval_n=a.eval_n, steps=a.steps, lr=a.lr)
+                          seed=a.seed, eval_n=a.eval_n, eval_n_mid=a.eval_n_mid,
+                          eval_every=a.eval_every, steps=a.steps, lr=a.lr)
     out = Path(a.out)
     t0 = time.time()
     res = run_experiment(spec, out, device=_device(a.device), export=True)
