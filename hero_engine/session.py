@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from .feedback import Marks, MarksError
+from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, fsync_dir
 from .policy import PolicyConfig
 from .representation import RepresentationConfig
 
@@ -114,48 +114,7 @@ class HeroConfig:
         return cls(**d, policy=pol, representation=rep).validate()
 
 
-# ---- atomic file helpers -------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
+# ---- reading -------------------------------------------------------------------------------
 
 def read_json(path: Path) -> Any:
     try:
@@ -381,7 +340,7 @@ class Session:
         new.mkdir(parents=True)
         for name, obj in state.items():
             atomic_torch_save(new / f"{name}.pt", obj)
-        _fsync_dir(new)
+        fsync_dir(new)
         atomic_write_json(self.round_dir(k) / "metrics.json", metrics)
         old = self.state_dir
         meta = dict(self._meta)
