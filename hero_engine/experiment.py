@@ -47,6 +47,7 @@ class ExperimentSpec:
     # small images get a 4x narrower one so a round fits the CPU demo budget
     encoder_trunk: int = 512
     encoder_head: tuple = (512, 256, 128)
+    reward_features: str = "trunk"
     score_fn: Optional[Callable[[Tensor, list], Tensor]] = None   # custom evaluator
     threshold: Optional[float] = None
     prompt: Optional[str] = None
@@ -69,7 +70,8 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
 
 
 def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
-    return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg, budget=spec.rounds * spec.batch_size,
+    return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg,
+                      reward_features=spec.reward_features, budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
                       policy=PolicyConfig(lr=spec.lr),
                       representation=RepresentationConfig(epochs=spec.encoder_epochs,

@@ -160,9 +160,10 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
                                      marks.best, round_generator(session, k, "encoder"))
         metrics.update(triplet_loss_first=losses[0], triplet_loss_last=losses[-1])
         # 5. reward on the trunk features
-        h = encoder.features(feats)
+        h = encoder.features(feats, cfg.reward_features)
         if cfg.reward_mode == "similarity-to-best":
-            rewards = similarity_reward(h, encoder.features(best_feature[None])[0])
+            rewards = similarity_reward(h, encoder.features(best_feature[None],
+                                                            cfg.reward_features)[0])
         else:
             rewards = similarity_to_positives(h, list(marks.good))
     else:

@@ -156,9 +156,12 @@ class RepresentationTrainer:
         return losses
 
     @torch.no_grad()
-    def features(self, f: Tensor) -> Tensor:
+    def features(self, f: Tensor, which: str = "trunk") -> Tensor:
+        """Reward features: the trunk E(f) (official, hero_spec 5.2) or the head g(E(f)) that the
+        triplet loss shapes directly."""
         self.net.eval()
-        return self.net.trunk(f.to(self.device).float())
+        h = self.net.trunk(f.to(self.device).float())
+        return self.net.head(h) if which == "head" else h
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}

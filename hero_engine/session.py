@@ -68,6 +68,7 @@ class HeroConfig:
     lora_alpha: float = 4.0
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
     reward_mode: str = "similarity-to-best"   # | similarity-to-all-positive
+    reward_features: str = "trunk"  # trunk: E(f), 2048-d, as the official code | head: g(E(f))
     budget: int = 512               # feedback budget N_fb (labels)
     max_rounds: int = 100
     seed: int = 0
@@ -89,6 +90,8 @@ class HeroConfig:
             raise ValueError("feature_latent must be 'x0' or 't1'")
         if self.reward_mode not in ("similarity-to-best", "similarity-to-all-positive"):
             raise ValueError(f"unknown reward_mode {self.reward_mode!r}")
+        if self.reward_features not in ("trunk", "head"):
+            raise ValueError("reward_features must be 'trunk' or 'head'")
         if self.lora_rank < 1:
             raise ValueError("lora_rank must be at least 1")
         if not 0 <= self.beta <= 1 or not 0 <= self.epsilon <= 1:

@@ -301,3 +301,13 @@ def test_simulated_evaluator_follows_the_rules():
     m, _ = ev.query(imgs * 0 + 1, [""] * 4, None)  # all pass: one is bad anyway
     assert len(m.bad) == 1
     assert ev.labels_used == 16
+
+
+def test_reward_features_trunk_or_head():
+    tr = RepresentationTrainer(3, RepresentationConfig(epochs=1, trunk_dim=64, head_dims=(32, 16)))
+    f = torch.randn(5, 3, 16, 16)
+    h, z = tr.features(f), tr.features(f, "head")
+    assert h.shape == (5, 64) and (h >= 0).all()
+    assert z.shape == (5, 16) and torch.allclose(z, tr.net.head(h))
+    r = similarity_reward(z, z[2])
+    assert r[2].item() == pytest.approx(1.0, abs=1e-6) and (r >= 0).all() and (r <= 1 + 1e-6).all()
