@@ -164,7 +164,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
     ap.add_argument("--out", default="hero_out/bench")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
     tasks = [t for t in a.tasks.split(",") if t]
