@@ -38,7 +38,10 @@ def load_evaluator(spec: str):
 
 
 def success_at(curve: list[dict], marks: int) -> Optional[float]:
-    """Success measured at the last evaluation with at most ``marks`` labels."""
+    """Success measured at the last evaluation with at most ``marks`` labels (None when the
+    session's budget stopped short of ``marks``)."""
+    if max(p["labels"] for p in curve) < marks:
+        return None
     pts = [p for p in curve if p["success"] is not None and p["labels"] <= marks]
     return pts[-1]["success"] if pts else None
 
@@ -55,13 +58,12 @@ def _median(vals):
     return statistics.median(vals) if vals else None
 
 
-def _median_marks(vals, n_seeds):
+def _median_marks(vals):
     """Median of marks-needed over seeds; a seed that never reached counts as infinity."""
     vals = sorted(float("inf") if v is None else v for v in vals)
     if not vals:
         return None
-    m = statistics.median(vals)
-    return None if m == float("inf") or len(vals) < n_seeds else m
+    return statistics.median(vals)  # inf = the median seed never reached it
 
 
 def summarise(results: list[dict]) -> dict:
@@ -83,18 +85,17 @@ def summarise(results: list[dict]) -> dict:
                 row[f"success@{m}"] = _median([success_at(r["curve"], m) for r in runs])
             for t in TARGETS:
                 row[f"marks_to_{int(t * 100)}"] = _median_marks(
-                    [marks_to_reach(r["curve"], t) for r in runs], n)
+                    [marks_to_reach(r["curve"], t) for r in runs])
             summary[task][method] = row
         hero = summary[task].get("hero")
         for method, row in summary[task].items():
             for t in TARGETS:
                 k = f"marks_to_{int(t * 100)}"
-                if hero and hero[k] and row[k]:
-                    row[f"ratio_{int(t * 100)}"] = row[k] / hero[k]
-                elif hero and hero[k] and row[k] is None:
-                    row[f"ratio_{int(t * 100)}"] = float("inf")
+                h = hero[k] if hero else None
+                if h is None or h == float("inf") or row[k] is None:
+                    row[f"ratio_{int(t * 100)}"] = None   # hero never reached it: no ratio
                 else:
-                    row[f"ratio_{int(t * 100)}"] = None
+                    row[f"ratio_{int(t * 100)}"] = row[k] / h  # inf = this method never did
     return summary
 
 
