@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from .experiment import ExperimentSpec, run_experiment
 
@@ -148,6 +147,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    from .cli import add_runtime_args, apply_runtime_args
     from .toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine bench", description=__doc__)
     ap.add_argument("--tasks", default=",".join(sorted(TASKS)))
@@ -164,12 +164,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
     ap.add_argument("--out", default="hero_out/bench")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
+    add_runtime_args(ap)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    device = apply_runtime_args(a)
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
     tasks = [t for t in a.tasks.split(",") if t]
@@ -188,7 +185,6 @@ def main(argv: list[str]) -> int:
             if t not in TASKS:
                 ap.error(f"unknown task {t!r}; choose from {sorted(TASKS)}")
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     rounds = max(1, a.budget // a.batch_size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

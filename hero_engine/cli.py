@@ -10,10 +10,20 @@ from pathlib import Path
 import torch
 
 
-def _device(name: str) -> str:
-    if name == "auto":
+def add_runtime_args(ap: argparse.ArgumentParser) -> None:
+    """--device and --threads, shared by demo and bench."""
+    ap.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
+
+
+def apply_runtime_args(a: argparse.Namespace) -> str:
+    """Set the thread count; return the device to run on."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return a.device
 
 
 def demo(argv: list[str]) -> int:
@@ -40,12 +50,9 @@ def demo(argv: list[str]) -> int:
     ap.add_argument("--method", default="hero",
                     choices=["hero", "hero-no-guidance", "ddpo-binary", "d3po"])
     ap.add_argument("--out", default="hero_out/demo", help="output folder")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
+    add_runtime_args(ap)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    device = apply_runtime_args(a)
     if a.batch_size < 2:
         ap.error("--batch-size must be at least 2")
     rounds = a.rounds if a.budget is None else max(1, a.budget // a.batch_size)
@@ -54,7 +61,7 @@ def demo(argv: list[str]) -> int:
                           eval_every=a.eval_every, steps=a.steps, lr=a.lr)
     out = Path(a.out)
     t0 = time.time()
-    res = run_experiment(spec, out, device=_device(a.device), export=True)
+    res = run_experiment(spec, out, device=device, export=True)
     pts = [p for p in res["curve"] if p["success"] is not None]
     line_plot({"success (fresh samples)": ([p["labels"] for p in pts], [p["success"] for p in pts]),
                "good rate (guided batches)": ([p["labels"] for p in res["curve"][1:]],
