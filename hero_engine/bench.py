@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
 from .experiment import ExperimentSpec, run_experiment
 
 METHODS = ["hero", "hero-no-guidance", "ddpo-binary", "d3po"]
