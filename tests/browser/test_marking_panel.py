@@ -14,6 +14,7 @@ import json
 import time
 
 from tests.browser.conftest import shot
+from tests.browser.panel_helpers import tile, tile_state
 from tests.support.graphs import stub_round_graph
 
 SID = "browser1"
@@ -45,16 +46,6 @@ def open_app(page, server):
     server.post("/settings/Comfy.TutorialCompleted", True)
     page.goto(server.url)
     page.wait_for_function("window.HERO && window.app && window.app.graph", timeout=120_000)
-
-
-def tile(page, i):
-    return page.locator(f".hero-overlay .hero-tile[data-i='{i}']")
-
-
-def tile_state(page):
-    return page.eval_on_selector_all(
-        ".hero-overlay .hero-tile",
-        "ts => ts.map(t => (t.classList.contains('best') ? 'B' : t.classList.contains('good') ? 'g' : 'b'))")
 
 
 def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):

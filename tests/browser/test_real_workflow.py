@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.conftest import ARTIFACTS, REPO
+from tests.browser.panel_helpers import tile, tile_state
 from tests.support import comfy_server as cs
 
 WORKFLOW = REPO / "example_workflows" / "hero_sd15_round.json"
@@ -180,16 +181,6 @@ def open_workflow(page, srv, checkpoint):
 def tiles_loaded(page):
     page.wait_for_function("[...document.querySelectorAll('.hero-overlay .hero-tile img')]"
                            ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
-
-
-def tile(page, i):
-    return page.locator(f".hero-overlay .hero-tile[data-i='{i}']")
-
-
-def tile_state(page):
-    return page.eval_on_selector_all(
-        ".hero-overlay .hero-tile",
-        "ts => ts.map(t => (t.classList.contains('best') ? 'B' : t.classList.contains('good') ? 'g' : 'b'))")
 
 
 def our_errors(page):
