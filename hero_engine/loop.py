@@ -26,7 +26,7 @@ from .policy import PolicyOptimizer, d3po_update, ppo_update
 from .representation import RepresentationTrainer
 from .reward import advantages, binary_reward, similarity_reward, similarity_to_positives
 from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob
-from .session import BestRecord, HeroConfig, Session, SessionError
+from .session import BestRecord, Session, SessionError
 
 __all__ = ["round_generator", "plan_initial_noise", "generate_round", "LearnPlan",
            "prepare_learning", "apply_policy_update", "complete_round", "run_round"]

@@ -21,10 +21,9 @@ Everything that touches ComfyUI's sampling and training machinery lives here; th
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -364,7 +363,6 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
              seed: int = 0) -> HeroBatch:
     """HERO_Generate: sample the round's batch with the current LoRA through ComfyUI's guider
     (or re-use the round's stored batch after a restart)."""
-    import comfy.model_management as mm
     import comfy.samplers
 
     family = model_family(model)
