@@ -12,7 +12,7 @@ accumulated over ``grad_accum * k`` backward passes, then clipped to ``max_grad_
 
 D3PO, per (good w, bad l) pair and timestep t, with the sampling policy as reference:
 
-    L = -log sigmoid(beta * [(log pi_theta(w) - log pi_old(w)) - (log pi_theta(l) - log pi_old(l))])
+    L = -log sigmoid(beta * [log rho(w) - log rho(l)]),   rho = clip(pi_theta / pi_old, 1 - eps, 1 + eps)
 
 A non-finite loss or gradient rejects the whole update: the parameters and optimizer state are
 restored and ``UpdateRejected`` says what happened and what to change.
@@ -50,6 +50,7 @@ class PolicyConfig:
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     d3po_beta: float = 0.1
+    d3po_eps: float = 0.1     # D3PO's ratio clip (yk7333/d3po config.train.eps)
     mixed_precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere; "no" | "fp16" | "bf16"
 
 
@@ -209,7 +210,10 @@ def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list
         with _autocast(cfg, dev):
             logp = trajectory_log_prob(denoiser, traj, idx, step_idx.repeat(2))
         old = traj.log_probs[idx, step_idx.repeat(2)].to(logp.device)
-        diff = logp.float() - old
+        # the authors clip each probability ratio to [1 - eps, 1 + eps] (their "Q-value" bound):
+        # outside it the pair gives no gradient, a trust region around the sampling policy
+        lo, hi = math.log(1 - cfg.d3po_eps), math.log(1 + cfg.d3po_eps)
+        diff = (logp.float() - old).clamp(lo, hi)
         m = len(pi)
         margin = cfg.d3po_beta * (diff[:m] - diff[m:])
         loss = -torch.nn.functional.logsigmoid(margin).mean()

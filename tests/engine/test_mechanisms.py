@@ -242,6 +242,23 @@ def test_d3po_prefers_good_trajectories():
     assert gain[0] > gain[1]
 
 
+
+@pytest.mark.parametrize("shift, moves", [(0.0, True), (1.0, False)])
+def test_d3po_ratio_clip_stops_pairs_outside_the_trust_region(shift, moves):
+    """As in the authors' code, each probability ratio is clipped to [1 - eps, 1 + eps]: a policy
+    already far from the sampling policy (log-ratio 1.0 > log 1.1) gets no gradient from the pair."""
+    torch.manual_seed(0)
+    pol = TinyPolicy()
+    traj = make_traj(pol, n=2)
+    traj.log_probs[0] -= shift      # the good chain now looks much likelier than when sampled
+    traj.log_probs[1] += shift      # and the bad one much less likely
+    before = (pol.up.detach().clone(), pol.down.detach().clone())
+    popt = PolicyOptimizer({"down": pol.down, "up": pol.up},
+                           PolicyConfig(lr=1e-3, weight_decay=0.0, timesteps_per_sample=6))
+    d3po_update(pol, traj, [0], [1], popt, gen(1))
+    changed = not (torch.equal(pol.up, before[0]) and torch.equal(pol.down, before[1]))
+    assert changed == moves
+
 # ---- feedback contract --------------------------------------------------------------------------
 
 def test_marks_rules():
