@@ -12,6 +12,11 @@ and perturb it variance-preservingly,
 so xi_i ~ N(0, I) whenever c_i is. G is the pool of this round's good noises (the new best excluded),
 xi* the best image's noise. With beta = 0 the centres are uniform over G + {xi*}. An empty G (the only
 good image became the best) seeds every sample from xi* instead of crashing as the official code does.
+
+``fresh_ratio`` (not in HERO; 0 = the official behaviour) keeps the last floor(fresh_ratio N) samples
+of every batch at N(0, I), and the beta split applies to the rest. The benchmark's ablations showed
+why one may want it: a batch made only of near-copies of the good noises carries little good-vs-bad
+contrast for the reward and none of the fresh-noise region the evaluation samples from.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ __all__ = ["initial_noise", "next_noise_pool"]
 
 def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator,
                   best_noise: Optional[Tensor] = None, pool: Optional[Tensor] = None,
-                  beta: float = 0.5, epsilon: float = 0.1) -> tuple[Tensor, Tensor]:
+                  beta: float = 0.5, epsilon: float = 0.1, fresh_ratio: float = 0.0
+                  ) -> tuple[Tensor, Tensor]:
     """Return (noises [n, *shape] float32, centre_ids [n]). ``centre_ids`` is -1 for N(0, I)
     samples, -2 for best-centred ones and k >= 0 for pool entry k (for logging and tests)."""
     if n < 1:
@@ -35,9 +41,16 @@ def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator,
         raise ValueError(f"beta (best image ratio) must be in [0, 1], got {beta}")
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon (noise perturbation) must be in [0, 1], got {epsilon}")
+    if not 0.0 <= fresh_ratio < 1.0:
+        raise ValueError(f"fresh_ratio must be in [0, 1), got {fresh_ratio}")
     fresh = torch.randn((n, *shape), generator=generator, dtype=torch.float32)
     if best_noise is None:
         return fresh, torch.full((n,), -1, dtype=torch.long)
+    n_fresh = int(math.floor(fresh_ratio * n))
+    if n_fresh:
+        noises, ids = initial_noise(n - n_fresh, shape, generator, best_noise, pool, beta, epsilon)
+        return (torch.cat([noises, fresh[n - n_fresh:]]),
+                torch.cat([ids, torch.full((n_fresh,), -1, dtype=torch.long)]))
     best_noise = best_noise.float().reshape(shape)
     if pool is not None and len(pool) > 0:
         pool = pool.float().reshape(-1, *shape)

@@ -52,7 +52,8 @@ def plan_initial_noise(session: Session, shape: tuple[int, ...]) -> tuple[Tensor
     if not guided:
         return initial_noise(cfg.batch_size, shape, gen)
     return initial_noise(cfg.batch_size, shape, gen, best_noise=st["best"]["noise"],
-                         pool=st.get("pool"), beta=cfg.beta, epsilon=cfg.epsilon)
+                         pool=st.get("pool"), beta=cfg.beta, epsilon=cfg.epsilon,
+                         fresh_ratio=cfg.fresh_ratio)
 
 
 @dataclass

@@ -63,6 +63,7 @@ class HeroConfig:
     cfg: float = 5.0
     beta: float = 0.5               # best image ratio
     epsilon: float = 0.1            # noise perturbation
+    fresh_ratio: float = 0.0        # not in HERO: share of each guided batch kept at N(0, I)
     lora_rank: int = 4
     lora_alpha: float = 4.0
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
@@ -95,6 +96,8 @@ class HeroConfig:
             raise ValueError("lora_rank must be at least 1")
         if not 0 <= self.beta <= 1 or not 0 <= self.epsilon <= 1:
             raise ValueError("beta and epsilon must lie in [0, 1]")
+        if not 0 <= self.fresh_ratio < 1:
+            raise ValueError("fresh_ratio must lie in [0, 1)")
         return self
 
     def to_json(self) -> dict:

@@ -40,6 +40,24 @@ def test_perturbation_statistics_and_split():
     assert resid.std().item() == pytest.approx(0.1, abs=0.005)
 
 
+
+def test_fresh_ratio_keeps_part_of_the_batch_standard_normal():
+    """Option (not HERO): the last floor(r N) samples are N(0, I), the beta split holds for the
+    rest; r = 0 is the official behaviour, draw for draw."""
+    shape = (4, 16, 16)
+    best = torch.randn(shape, generator=gen(1))
+    pool = torch.randn(3, *shape, generator=gen(2))
+    x, ids = initial_noise(64, shape, gen(3), best, pool, beta=0.5, fresh_ratio=0.25)
+    assert (ids[:24] == -2).all() and (ids[24:48] >= 0).all() and (ids[48:] == -1).all()
+    near = torch.nn.functional.cosine_similarity(x[48:].flatten(1), best.flatten()[None])
+    assert near.abs().max() < 0.2          # independent of the best noise
+    assert x[48:].std().item() == pytest.approx(1.0, abs=0.05)
+    x0, ids0 = initial_noise(64, shape, gen(3), best, pool, beta=0.5)
+    x1, ids1 = initial_noise(64, shape, gen(3), best, pool, beta=0.5, fresh_ratio=0.0)
+    assert torch.equal(x0, x1) and torch.equal(ids0, ids1)
+    with pytest.raises(ValueError, match="fresh_ratio"):
+        initial_noise(8, shape, gen(0), best, pool, fresh_ratio=1.0)
+
 def test_guided_noise_is_reproducible():
     best = torch.randn(2, 4, 4)
     pool = torch.randn(2, 2, 4, 4)
