@@ -21,7 +21,7 @@ METHODS = ["hero", "hero-no-guidance", "ddpo-binary", "d3po"]
 ENCODER_METHODS = ("hero", "hero-no-guidance")
 # Bench scale. 6 DDIM steps (eta 1, cfg 3) keep the toy's samples clean and every task's base
 # success inside 5-40% (count 30%, colour 25%, spatial 23%, removal 27% on 256 samples) at under a
-# third of the demo's 20-step cost; PPO trains 2 of the 6 steps of each chain (HERO: 5 of 50).
+# third of the demo's 20-step cost.
 BENCH_STEPS = 6
 BENCH_PPO_TIMESTEPS = 1      # 1 of 6 steps per chain, the nearest to HERO's 5 of 50
 BENCH_PPO_BATCH = 8          # the official 8 samples per AdamW step, in one backward pass
