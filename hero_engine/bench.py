@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -166,17 +167,22 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(spec: ExperimentSpec, runs_dir: Path, device: str) -> dict:
-    return run_experiment(spec, runs_dir, device=device, save_grids=False)
+def _run_one(spec: ExperimentSpec, runs_dir: Path, device: str, keep_sessions: bool = True
+             ) -> dict:
+    res = run_experiment(spec, runs_dir, device=device, save_grids=False)
+    if not keep_sessions:   # a session keeps every round's chain: about 65 MB at batch 64
+        shutil.rmtree(res["session"], ignore_errors=True)
+        res["session"] = None
+    return res
 
 
 def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: int,
-            threads: Optional[int] = None) -> list[dict]:
+            threads: Optional[int] = None, keep_sessions: bool = True) -> list[dict]:
     """Run every session, ``workers`` at a time in separate processes (small torch ops scale
     badly over threads: two one-thread processes beat one two-thread process by about 1.2x on
     2 cores). Results come back in the order of ``specs``."""
     if workers <= 1:
-        return [_run_one(s, runs_dir, device) for s in specs]
+        return [_run_one(s, runs_dir, device, keep_sessions) for s in specs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     per = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -184,7 +190,8 @@ def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: i
     order = sorted(range(len(specs)), key=lambda i: specs[i].method not in ENCODER_METHODS)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(per,)) as pool:
-        futs = {i: pool.submit(_run_one, specs[i], runs_dir, device) for i in order}
+        futs = {i: pool.submit(_run_one, specs[i], runs_dir, device, keep_sessions)
+                for i in order}
         return [futs[i].result() for i in range(len(specs))]
 
 
@@ -212,6 +219,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="sessions run in parallel, one process each (default: one per CPU core "
                          "on CPU, with one thread each; 1 on a GPU)")
+    ap.add_argument("--keep-sessions", action="store_true",
+                    help="keep each session folder (every round's images and chains, about 65 MB "
+                         "a session); by default only the per-session result JSONs stay")
     ap.add_argument("--quick", action="store_true",
                     help="one task, hero vs ddpo-binary, one seed, 256 marks")
     ap.add_argument("--evaluator", default=None, help="module:function scoring images")
@@ -252,7 +262,7 @@ def main(argv: list[str]) -> int:
              for task in tasks for seed in seeds for method in methods]
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
-    results = run_all(specs, out / "runs", device, workers, a.threads)
+    results = run_all(specs, out / "runs", device, workers, a.threads, a.keep_sessions)
     meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
             "encoder_epochs": a.encoder_epochs,

@@ -82,15 +82,21 @@ def test_bench_end_to_end_two_workers(tmp_path):
     for m in ("hero", "hero-no-guidance", "ddpo-binary", "d3po"):
         assert f"| colour | {m} |" in md
     assert (out / "bench_colour.png").stat().st_size > 0
+    # session folders are removed unless --keep-sessions; the per-session results stay
+    assert all(r["session"] is None for r in runs)
+    assert not list((out / "runs").glob("session-*"))
+    assert len(list((out / "runs").glob("result-colour-*-s0.json"))) == 4
 
 
 def test_bench_custom_evaluator(tmp_path):
     """A new task needs only an importable scoring function, a threshold and a prompt."""
     out, data, _ = _bench(tmp_path, "--methods", "ddpo-binary", "--workers", "1",
+                          "--keep-sessions",
                           "--evaluator", "hero_engine.toy.tasks:score_colour",
                           "--threshold", "0.5", "--prompt", "a square")
     (run,) = data["runs"]
     assert run["task"] == "custom" and run["prompt"] == "a square"
+    assert (Path(run["session"]) / "session.json").exists()      # --keep-sessions
     assert "| custom | ddpo-binary |" in (out / "bench.md").read_text()
 
 
