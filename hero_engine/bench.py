@@ -127,17 +127,20 @@ def _fmt(v, pct=False):
 def markdown(summary: dict, meta: dict) -> str:
     lines = [f"Median over {meta['seeds']} seed(s); success on {meta['eval_n']} fresh N(0, I) "
              f"samples per point; {meta['batch_size']} marks per round, budget "
-             f"{meta['budget']} marks. 'never' = not reached within the budget.", ""]
+             f"{meta['budget']} marks. 'never' = not reached within the budget. ×hero = the "
+             f"marks this method needed / the marks hero needed (4 or more: hero needed a quarter "
+             f"or less).", ""]
     head = ("| task | method | base | success@128 | @256 | @512 | final | marks to 50% | "
-            "marks to 80% | ×hero (80%) | diversity (before→after) |")
-    lines += [head, "|" + "---|" * 11]
+            "marks to 80% | ×hero (50%) | ×hero (80%) | diversity (before→after) |")
+    lines += [head, "|" + "---|" * 12]
     for task, rows in summary.items():
         for method, r in rows.items():
             lines.append(
                 f"| {task} | {method} | {_fmt(r['base'], 1)} | {_fmt(r['success@128'], 1)} | "
                 f"{_fmt(r['success@256'], 1)} | {_fmt(r['success@512'], 1)} | "
                 f"{_fmt(r['final'], 1)} | {_fmt(r['marks_to_50'])} | {_fmt(r['marks_to_80'])} | "
-                f"{_fmt(r['ratio_80'])} | {r['diversity_before']:.3f}→{r['diversity_after']:.3f} |")
+                f"{_fmt(r['ratio_50'])} | {_fmt(r['ratio_80'])} | "
+                f"{r['diversity_before']:.3f}→{r['diversity_after']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +231,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
     ap.add_argument("--out", default="hero_out/bench")
+    ap.add_argument("--report", default=None, metavar="BENCH_JSON",
+                    help="run nothing: write the table and plots of an earlier bench.json to --out")
     add_runtime_args(ap)
     a = ap.parse_args(argv)
+    if a.report:
+        return report(Path(a.report), Path(a.out))
     device = apply_runtime_args(a)
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
@@ -269,13 +276,28 @@ def main(argv: list[str]) -> int:
             "lr": a.lr, "d3po_lr": a.d3po_lr, "encoder_lr": BENCH_ENCODER_LR, "device": device,
             "workers": workers, "seconds": time.time() - t0,
             "argv": argv}
-    summary = summarise(results)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary,
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summarise(results),
                                                 "runs": results}, indent=1))
-    md = markdown(summary, meta)
+    _write_report(results, meta, out)
+    print(f"wrote {out / 'bench.json'} in {time.time() - t0:.0f}s")
+    return 0
+
+
+def _write_report(results: list[dict], meta: dict, out: Path) -> None:
+    md = markdown(summarise(results), meta)
     (out / "bench.md").write_text(md)
     plots = plot(results, out)
     print(md)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, "
-          f"{', '.join(str(p) for p in plots)} in {time.time() - t0:.0f}s")
+    print(f"wrote {out / 'bench.md'}, {', '.join(str(p) for p in plots)}")
+
+
+def report(bench_json: Path, out: Path) -> int:
+    """Table and plots again from an earlier run's bench.json (nothing is run)."""
+    try:
+        data = json.loads(bench_json.read_text())
+        results, meta = data["runs"], data["meta"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--report needs a bench.json written by this command: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_report(results, meta, out)
     return 0

@@ -86,6 +86,16 @@ def test_bench_end_to_end_two_workers(tmp_path):
     assert all(r["session"] is None for r in runs)
     assert not list((out / "runs").glob("session-*"))
     assert len(list((out / "runs").glob("result-colour-*-s0.json"))) == 4
+    # --report renders the same table again from the JSON alone
+    import subprocess
+    import sys
+    again = tmp_path / "again"
+    r = subprocess.run([sys.executable, "-m", "hero_engine", "bench", "--report",
+                        str(out / "bench.json"), "--out", str(again)],
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (again / "bench.md").read_text() == md and (again / "bench_colour.png").exists()
 
 
 def test_bench_custom_evaluator(tmp_path):
