@@ -129,7 +129,9 @@ def markdown(summary: dict, meta: dict) -> str:
              f"samples per point; {meta['batch_size']} marks per round, budget "
              f"{meta['budget']} marks. 'never' = not reached within the budget. ×hero = the "
              f"marks this method needed / the marks hero needed (4 or more: hero needed a quarter "
-             f"or less).", ""]
+             f"or less)."
+             + (f" The simulated person marks each image wrongly with probability "
+                f"{meta['flip_rate']:g}." if meta.get("flip_rate") else ""), ""]
     head = ("| task | method | base | success@128 | @256 | @512 | final | marks to 50% | "
             "marks to 80% | ×hero (50%) | ×hero (80%) | diversity (before→after) |")
     lines += [head, "|" + "---|" * 12]
@@ -230,6 +232,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--evaluator", default=None, help="module:function scoring images")
     ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
+    ap.add_argument("--flip-rate", type=float, default=0.0,
+                    help="chance that the simulated person marks an image wrongly (0-0.5); "
+                         "success is still measured with the true scores")
     ap.add_argument("--out", default="hero_out/bench")
     ap.add_argument("--report", default=None, metavar="BENCH_JSON",
                     help="run nothing: write the table and plots of an earlier bench.json to --out")
@@ -238,6 +243,8 @@ def main(argv: list[str]) -> int:
     if a.report:
         return report(Path(a.report), Path(a.out))
     device = apply_runtime_args(a)
+    if not 0 <= a.flip_rate <= 0.5:
+        ap.error(f"--flip-rate must be in [0, 0.5], got {a.flip_rate}")
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
     tasks = [t for t in a.tasks.split(",") if t]
@@ -264,15 +271,15 @@ def main(argv: list[str]) -> int:
                             lr=a.d3po_lr if method == "d3po" else a.lr,
                             ppo_timesteps=a.ppo_timesteps, ppo_batch=BENCH_PPO_BATCH,
                             encoder_epochs=a.encoder_epochs, encoder_lr=BENCH_ENCODER_LR,
-                            score_fn=score_fn,
-                            threshold=a.threshold, prompt=a.prompt)
+                            score_fn=score_fn, threshold=a.threshold, prompt=a.prompt,
+                            flip_rate=a.flip_rate)
              for task in tasks for seed in seeds for method in methods]
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
     results = run_all(specs, out / "runs", device, workers, a.threads, a.keep_sessions)
     meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
-            "encoder_epochs": a.encoder_epochs,
+            "encoder_epochs": a.encoder_epochs, "flip_rate": a.flip_rate,
             "lr": a.lr, "d3po_lr": a.d3po_lr, "encoder_lr": BENCH_ENCODER_LR, "device": device,
             "workers": workers, "seconds": time.time() - t0,
             "argv": argv}

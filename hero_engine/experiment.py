@@ -55,6 +55,7 @@ class ExperimentSpec:
     reward_features: str = "trunk"
     score_fn: Optional[Callable[[Tensor, list], Tensor]] = None   # custom evaluator
     threshold: Optional[float] = None
+    flip_rate: float = 0.0        # simulated person: chance that a good/bad mark is wrong
     prompt: Optional[str] = None
     hero: dict = field(default_factory=dict)   # other HeroConfig fields (beta, epsilon, ...)
 
@@ -124,7 +125,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         import shutil
         shutil.rmtree(sess_dir)
     session = Session.create(sess_dir, toy_config(spec, steps, be.cfg), info={"task": spec.task, "prompt": prompt})
-    ev = SimulatedEvaluator(score_fn, threshold)
+    ev = SimulatedEvaluator(score_fn, threshold, flip_rate=spec.flip_rate, seed=spec.seed)
 
     def measure(label: str, n: int) -> dict:
         t = time.time()

@@ -155,11 +155,22 @@ class SimulatedEvaluator:
     good = score >= threshold; best = the top-scoring good image if it beats the current best's
     score, else keep. The paper's rules are then enforced: if no image is good, the top-scoring
     one is marked good; if all are good, the lowest-scoring one is marked bad.
+
+    ``flip_rate`` models an inconsistent person: each image's good/bad mark is flipped with that
+    probability (drawn from a generator seeded by ``seed``) before the rules above apply.
     """
 
     score_fn: Callable[[Tensor, list[str]], Tensor]
     threshold: float
     labels_used: int = field(default=0)
+    flip_rate: float = 0.0
+    seed: int = 0
+    _gen: Optional[torch.Generator] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip_rate <= 0.5:
+            raise ValueError(f"flip_rate must be in [0, 0.5] (the chance that a mark is wrong), "
+                             f"got {self.flip_rate}")
 
     def query(self, images: Tensor, prompts: list[str], current_best_score: Optional[float]
               ) -> tuple[Marks, Tensor]:
@@ -168,7 +179,12 @@ class SimulatedEvaluator:
         if n < 2:
             raise MarksError("the simulated evaluator needs at least 2 images per round")
         order = torch.argsort(scores, descending=True).tolist()
-        good = [i for i in range(n) if scores[i] >= self.threshold]
+        is_good = scores >= self.threshold
+        if self.flip_rate > 0:
+            if self._gen is None:
+                self._gen = torch.Generator().manual_seed(self.seed)
+            is_good ^= torch.rand(n, generator=self._gen) < self.flip_rate
+        good = [i for i in range(n) if is_good[i]]
         if not good:
             good = [order[0]]
         if len(good) == n:

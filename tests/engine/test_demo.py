@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from hero_engine.experiment import ExperimentSpec, run_experiment

@@ -279,6 +279,24 @@ def test_d3po_ratio_clip_stops_pairs_outside_the_trust_region(shift, moves):
 
 # ---- feedback contract --------------------------------------------------------------------------
 
+def test_simulated_evaluator_flip_rate():
+    """An inconsistent person: about flip_rate of the marks disagree with the threshold rule,
+    the same ones for the same seed; 0 flips none."""
+    scores = torch.linspace(0, 1, 400)
+    exact = SimulatedEvaluator(lambda x, p: scores, 0.5).query(torch.zeros(400), [""] * 400, None)[0]
+    noisy = SimulatedEvaluator(lambda x, p: scores, 0.5, flip_rate=0.2, seed=3)
+    m1 = noisy.query(torch.zeros(400), [""] * 400, None)[0]
+    wrong = len(set(m1.good) ^ set(exact.good))
+    assert 50 <= wrong <= 110                       # 80 expected
+    m2 = SimulatedEvaluator(lambda x, p: scores, 0.5, flip_rate=0.2, seed=3).query(
+        torch.zeros(400), [""] * 400, None)[0]
+    assert m2.good == m1.good
+    assert SimulatedEvaluator(lambda x, p: scores, 0.5, flip_rate=0.0).query(
+        torch.zeros(400), [""] * 400, None)[0].good == exact.good
+    with pytest.raises(ValueError, match="flip_rate"):
+        SimulatedEvaluator(lambda x, p: scores, 0.5, flip_rate=0.7)
+
+
 def test_marks_rules():
     Marks([0, 2], [1, 3], 2).validate(4, has_current_best=False)
     Marks([0], [1, 2, 3], None).validate(4, has_current_best=True)

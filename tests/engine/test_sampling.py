@@ -1,5 +1,4 @@
 """DDIM(eta) as a Gaussian: parity with diffusers, log-prob parity, schedules."""
-import math
 
 import pytest
 import torch
