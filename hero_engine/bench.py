@@ -232,6 +232,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--evaluator", default=None, help="module:function scoring images")
     ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
+    ap.add_argument("--fresh-ratio", type=float, default=0.0,
+                    help="hero only, not in HERO: share of each guided batch kept at N(0, I)")
     ap.add_argument("--flip-rate", type=float, default=0.0,
                     help="chance that the simulated person marks an image wrongly (0-0.5); "
                          "success is still measured with the true scores")
@@ -245,6 +247,8 @@ def main(argv: list[str]) -> int:
     device = apply_runtime_args(a)
     if not 0 <= a.flip_rate <= 0.5:
         ap.error(f"--flip-rate must be in [0, 0.5], got {a.flip_rate}")
+    if not 0 <= a.fresh_ratio < 1:
+        ap.error(f"--fresh-ratio must be in [0, 1), got {a.fresh_ratio}")
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
     tasks = [t for t in a.tasks.split(",") if t]
@@ -272,7 +276,8 @@ def main(argv: list[str]) -> int:
                             ppo_timesteps=a.ppo_timesteps, ppo_batch=BENCH_PPO_BATCH,
                             encoder_epochs=a.encoder_epochs, encoder_lr=BENCH_ENCODER_LR,
                             score_fn=score_fn, threshold=a.threshold, prompt=a.prompt,
-                            flip_rate=a.flip_rate)
+                            flip_rate=a.flip_rate,
+                            hero={"fresh_ratio": a.fresh_ratio} if a.fresh_ratio else {})
              for task in tasks for seed in seeds for method in methods]
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
@@ -280,6 +285,7 @@ def main(argv: list[str]) -> int:
     meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
             "encoder_epochs": a.encoder_epochs, "flip_rate": a.flip_rate,
+            "fresh_ratio": a.fresh_ratio,
             "lr": a.lr, "d3po_lr": a.d3po_lr, "encoder_lr": BENCH_ENCODER_LR, "device": device,
             "workers": workers, "seconds": time.time() - t0,
             "argv": argv}

@@ -115,7 +115,9 @@ def test_bench_rejects_bad_arguments(tmp_path):
     import sys
     for args, msg in ((["--methods", "hero,dpo"], "unknown method 'dpo'"),
                       (["--tasks", "nope"], "unknown task 'nope'"),
-                      (["--evaluator", "hero_engine.toy.tasks:score_colour"], "--threshold")):
+                      (["--evaluator", "hero_engine.toy.tasks:score_colour"], "--threshold"),
+                      (["--flip-rate", "0.7"], "--flip-rate must be in [0, 0.5]"),
+                      (["--fresh-ratio", "1"], "--fresh-ratio must be in [0, 1)")):
         r = subprocess.run([sys.executable, "-m", "hero_engine", "bench", "--out",
                             str(tmp_path), *args], cwd=Path(__file__).resolve().parents[2],
                            capture_output=True, text=True, timeout=120)
