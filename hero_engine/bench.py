@@ -162,7 +162,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             series[method] = (labels, ys)
         p = out / f"bench_{task}.png"
         line_plot(series, title=f"toy task '{task}': success on fresh samples",
-                  xlabel="marks used", ylim=(0, 1), hlines={"80%": 0.8}).save(p)
+                  xlabel="marks used", ylim=(0, 1), hlines={"80%": 0.8},
+                  colours={m: i for i, m in enumerate(METHODS)}).save(p)
         paths.append(p)
     return paths
 

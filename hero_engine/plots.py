@@ -33,8 +33,10 @@ def _nice(v: float) -> str:
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str = "",
               xlabel: str = "", ylabel: str = "", size=(640, 400),
               ylim: Optional[tuple[float, float]] = None,
-              hlines: Optional[dict[str, float]] = None) -> Image.Image:
-    """series: name -> (xs, ys). Returns an RGB image with axes, ticks, legend."""
+              hlines: Optional[dict[str, float]] = None,
+              colours: Optional[dict[str, int]] = None) -> Image.Image:
+    """series: name -> (xs, ys). Returns an RGB image with axes, ticks, legend. ``colours`` fixes
+    a series' palette index (so a name keeps its colour across plots); default: series order."""
     W, H = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -80,7 +82,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         d.text((W - R - 4, yy - 2), name, fill=(90, 90, 90), font=fs, anchor="rb")
     ly = T + 6
     for k, (name, (xs, ys)) in enumerate(series.items()):
-        col = PALETTE[k % len(PALETTE)]
+        col = PALETTE[(colours or {}).get(name, k) % len(PALETTE)]
         p = [px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
         if len(p) > 1:
             d.line(p, fill=col, width=2)

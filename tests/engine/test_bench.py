@@ -122,3 +122,14 @@ def test_bench_rejects_bad_arguments(tmp_path):
                             str(tmp_path), *args], cwd=Path(__file__).resolve().parents[2],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_plot_keeps_each_method_colour(tmp_path):
+    """A method has one colour in every plot, whichever methods a run compares."""
+    from hero_engine.bench import METHODS, plot
+    from hero_engine.plots import PALETTE
+    from PIL import Image
+    runs = [run(m, 0, [0.2, 0.4, 0.6]) for m in ("ddpo-binary",)]
+    (p,) = plot(runs, tmp_path)
+    swatch = Image.open(p).convert("RGB").getpixel((74, 42))   # the first legend entry's line
+    assert swatch == PALETTE[METHODS.index("ddpo-binary")]
