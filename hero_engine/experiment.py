@@ -75,6 +75,10 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
     return toy, task, be
 
 
+# the official samples per AdamW step (train batch 2 x grad accumulation 4)
+_SAMPLES_PER_STEP = PolicyConfig.train_batch_size * PolicyConfig.grad_accum
+
+
 def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
     return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg,
                       reward_features=spec.reward_features, budget=spec.rounds * spec.batch_size,
@@ -82,8 +86,9 @@ def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
                       policy=PolicyConfig(lr=spec.lr,
                                           timesteps_per_sample=spec.ppo_timesteps,
                                           train_batch_size=spec.ppo_batch,
-                                          grad_accum=max(1, 8 // spec.ppo_batch)),
-                      representation=RepresentationConfig(epochs=spec.encoder_epochs, lr=spec.encoder_lr,
+                                          grad_accum=max(1, _SAMPLES_PER_STEP // spec.ppo_batch)),
+                      representation=RepresentationConfig(epochs=spec.encoder_epochs,
+                                                          lr=spec.encoder_lr,
                                                           trunk_dim=spec.encoder_trunk,
                                                           head_dims=tuple(spec.encoder_head)),
                       **spec.hero).validate()
