@@ -95,10 +95,12 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def sample_fresh(self, n: int, steps: int, seed: int, eta: float = 1.0,
-                     prompts: Optional[list[str]] = None, micro_batch: int = 64) -> Tensor:
-        """Images from fresh N(0, I) noise (no feedback guidance): the evaluation protocol."""
+                     prompts: Optional[list[str]] = None, micro_batch: int = 64,
+                     x_T: Optional[Tensor] = None) -> Tensor:
+        """Images from fresh N(0, I) noise (no feedback guidance): the evaluation protocol.
+        ``x_T`` replaces the fresh noise (e.g. a session's guided noise)."""
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn((n, *self.latent_shape), generator=g)
+        x = torch.randn((n, *self.latent_shape), generator=g) if x_T is None else x_T.float()
         den = self.denoiser(prompts)
         out = []
         for s in range(0, n, micro_batch):

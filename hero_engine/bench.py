@@ -18,8 +18,8 @@ from typing import Optional
 
 from .experiment import ExperimentSpec, run_experiment
 
-METHODS = ["hero", "hero-no-guidance", "ddpo-binary", "d3po"]
-ENCODER_METHODS = ("hero", "hero-no-guidance")
+METHODS = ["hero", "hero-paper", "ddpo-binary", "d3po", "hero-no-guidance"]
+DEFAULT_METHODS = ["hero", "hero-paper", "ddpo-binary", "d3po"]
 # Bench scale. 6 DDIM steps (eta 1, cfg 3) keep the toy's samples clean and every task's base
 # success inside 5-40% (count 30%, colour 25%, spatial 23%, removal 27% on 256 samples) at under a
 # third of the demo's 20-step cost.
@@ -31,11 +31,52 @@ BENCH_PPO_BATCH = 8          # the official 8 samples per AdamW step, in one bac
 BENCH_ENCODER_EPOCHS = 100
 BENCH_ENCODER_LR = 1e-4
 # D3PO's authors train at 3e-5 where ddpo-pytorch trains at 3e-4; the toy's DDPO lr is 1e-2, so
-# D3PO gets 1e-3. (Measured on `colour`, 2 seeds, 256 marks: 3e-4 left success flat at 0.22-0.23;
-# 3e-3 collapsed one seed to 0.09.)
+# D3PO gets 1e-3 (docs/benchmarks.md has the lr sweep).
 BENCH_D3PO_LR = 1e-3
 MILESTONES = (128, 256, 512)
 TARGETS = (0.5, 0.8)
+BOOTSTRAP = 2000
+BENCH_EVAL_N = 128
+SUCCESS_KINDS = ("success", "session_success")   # fresh noise; the session's own (guided) batch
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``hero`` or a variant ``hero+extra_ratio=0+reward=similarity`` -> (method, overrides)."""
+    from .session import METHOD_TRAITS, HeroConfig
+    base, *parts = text.split("+")
+    if base not in METHOD_TRAITS:
+        raise ValueError(f"unknown method {base!r}; choose from {list(METHOD_TRAITS)}")
+    from .policy import PolicyConfig
+    from .representation import RepresentationConfig
+    fields = {f for f in HeroConfig.__dataclass_fields__} - {"method", "policy", "representation"}
+    fields |= {f"policy.{f}" for f in PolicyConfig.__dataclass_fields__}
+    fields |= {f"representation.{f}" for f in RepresentationConfig.__dataclass_fields__}
+    over = {}
+    for part in parts:
+        if "=" not in part:
+            raise ValueError(f"method variant {text!r}: write key=value after '+', got {part!r}")
+        k, v = part.split("=", 1)
+        if k not in fields:
+            raise ValueError(f"method variant {text!r}: {k!r} is not a HERO setting; use one of "
+                             f"{sorted(fields)}")
+        low = v.lower()
+        if low in ("true", "false"):
+            val = low == "true"
+        else:
+            try:
+                val = int(v)
+            except ValueError:
+                try:
+                    val = float(v)
+                except ValueError:
+                    val = v
+        over[k] = val
+    HeroConfig(method=base, **{k: v for k, v in over.items() if "." not in k}).validate()
+    return base, over
+
+
+def person_name(flip_rate: float) -> str:
+    return "exact" if not flip_rate else f"flips {100 * flip_rate:g}%"
 
 
 def load_evaluator(spec: str):
@@ -52,20 +93,29 @@ def load_evaluator(spec: str):
     return f
 
 
-def success_at(curve: list[dict], marks: int) -> Optional[float]:
+def success_at(curve: list[dict], marks: int, key: str = "success") -> Optional[float]:
     """Success measured at the last evaluation with at most ``marks`` labels (None when the
     session's budget stopped short of ``marks``)."""
     if max(p["labels"] for p in curve) < marks:
         return None
-    pts = [p for p in curve if p["success"] is not None and p["labels"] <= marks]
-    return pts[-1]["success"] if pts else None
+    pts = [p for p in curve if p.get(key) is not None and p["labels"] <= marks]
+    return pts[-1][key] if pts else None
 
 
-def marks_to_reach(curve: list[dict], target: float) -> Optional[int]:
+def marks_to_reach(curve: list[dict], target: float, key: str = "success") -> Optional[int]:
     for p in curve:
-        if p["success"] is not None and p["success"] >= target:
+        if p.get(key) is not None and p[key] >= target:
             return p["labels"]
     return None
+
+
+def area_under(curve: list[dict], budget: int, key: str = "success") -> Optional[float]:
+    """Mean success over 0..budget marks: the trapezoid area under success-vs-marks / budget."""
+    pts = [(p["labels"], p[key]) for p in curve if p.get(key) is not None and p["labels"] <= budget]
+    if len(pts) < 2 or pts[-1][0] < budget:
+        return None
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
+    return area / budget
 
 
 def _median(vals):
@@ -81,37 +131,110 @@ def _median_marks(vals):
     return statistics.median(vals)  # inf = the median seed never reached it
 
 
+def bootstrap_interval(vals: list, stat=statistics.median, level: float = 0.9,
+                       n: int = BOOTSTRAP, seed: int = 0) -> Optional[tuple[float, float]]:
+    """Percentile bootstrap interval of ``stat`` over the seeds (resampled with replacement)."""
+    vals = [v for v in vals if v is not None]
+    if len(vals) < 2:
+        return None
+    import random
+    rng = random.Random(seed)
+    stats = sorted(stat([rng.choice(vals) for _ in vals]) for _ in range(n))
+    lo = stats[int((1 - level) / 2 * (n - 1))]
+    hi = stats[int((1 + level) / 2 * (n - 1))]
+    return lo, hi
+
+
+def _inf(v):
+    return float("inf") if v is None else v
+
+
 def summarise(results: list[dict]) -> dict:
-    table = {}
+    """summary[person][task][method] -> medians, 90% intervals and paired differences vs hero."""
+    table: dict = {}
     for r in results:
-        table.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
-    summary = {}
-    for task, by_m in table.items():
-        summary[task] = {}
-        for method, runs in by_m.items():
-            n = len(runs)
-            row = {"seeds": n,
-                   "base": _median([r["success_before"] for r in runs]),
-                   "final": _median([r["success_after"] for r in runs]),
-                   "marks": max(r["marks"] for r in runs),
-                   "diversity_after": _median([r["diversity_after"] for r in runs]),
-                   "diversity_before": _median([r["diversity_before"] for r in runs])}
-            for m in MILESTONES:
-                row[f"success@{m}"] = _median([success_at(r["curve"], m) for r in runs])
-            for t in TARGETS:
-                row[f"marks_to_{int(t * 100)}"] = _median_marks(
-                    [marks_to_reach(r["curve"], t) for r in runs])
-            summary[task][method] = row
-        hero = summary[task].get("hero")
-        for method, row in summary[task].items():
-            for t in TARGETS:
-                k = f"marks_to_{int(t * 100)}"
-                h = hero[k] if hero else None
-                if h is None or h == float("inf") or row[k] is None:
-                    row[f"ratio_{int(t * 100)}"] = None   # hero never reached it: no ratio
-                else:
-                    row[f"ratio_{int(t * 100)}"] = row[k] / h  # inf = this method never did
+        person = person_name(r.get("flip_rate", 0.0))
+        table.setdefault(person, {}).setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    summary: dict = {}
+    for person, by_task in table.items():
+        summary[person] = {}
+        for task, by_m in by_task.items():
+            rows = summary[person][task] = {}
+            budget = min(max(r["marks"] for r in runs) for runs in by_m.values())
+            for method, runs in by_m.items():
+                row = {"seeds": len(runs), "budget": budget,
+                       "base": _median([r["success_before"] for r in runs]),
+                       "final": _median([r["success_after"] for r in runs]),
+                       "marks": max(r["marks"] for r in runs),
+                       "diversity_after": _median([r["diversity_after"] for r in runs]),
+                       "diversity_before": _median([r["diversity_before"] for r in runs])}
+                for key in SUCCESS_KINDS:
+                    pre = "" if key == "success" else "session_"
+                    aucs = [area_under(r["curve"], budget, key) for r in runs]
+                    row[pre + "auc"] = _median(aucs)
+                    row[pre + "auc_ci"] = bootstrap_interval(aucs)
+                    row[pre + "final"] = _median([success_at(r["curve"], budget, key)
+                                                  for r in runs])
+                    for t in TARGETS:
+                        k = f"{pre}marks_to_{int(t * 100)}"
+                        need = [_inf(marks_to_reach(r["curve"], t, key)) for r in runs]
+                        row[k] = _median_marks(need)
+                        row[k + "_ci"] = bootstrap_interval(need)
+                for m in MILESTONES:
+                    row[f"success@{m}"] = _median([success_at(r["curve"], m) for r in runs])
+                row["by_seed"] = {r["seed"]: r for r in runs}
+                rows[method] = row
+            hero = rows.get("hero")
+            for method, row in rows.items():
+                for key in SUCCESS_KINDS:
+                    pre = "" if key == "success" else "session_"
+                    diffs = []
+                    if hero is not None:
+                        for seed, r in row["by_seed"].items():
+                            h = hero["by_seed"].get(seed)
+                            a, b = (area_under(x["curve"], budget, key)
+                                    for x in (r, h)) if h else (None, None)
+                            if a is not None and b is not None:
+                                diffs.append(a - b)
+                    row[pre + "auc_vs_hero"] = _median(diffs)
+                    row[pre + "auc_vs_hero_ci"] = bootstrap_interval(diffs)
+                    row[pre + "auc_wins_vs_hero"] = (sum(d > 0 for d in diffs), len(diffs))
+                for t in TARGETS:
+                    k = f"marks_to_{int(t * 100)}"
+                    h = hero[k] if hero else None
+                    if h is None or h == float("inf") or row[k] is None:
+                        row[f"ratio_{int(t * 100)}"] = None   # hero never reached it: no ratio
+                    else:
+                        row[f"ratio_{int(t * 100)}"] = row[k] / h  # inf = this method never did
+            for row in rows.values():
+                row.pop("by_seed")
     return summary
+
+
+def verdict(summary: dict) -> list[str]:
+    """The issue's target, checked per simulated person: hero reaches 80% on >= 3 tasks; its
+    AUC >= ddpo-binary's on every task; to 80% it needs <= 1/2 of ddpo-binary's marks and <= 1/4
+    of d3po's (or they never get there)."""
+    lines = []
+    for person, by_task in summary.items():
+        reached = [t for t, rows in by_task.items()
+                   if rows.get("hero", {}).get("marks_to_80") not in (None, float("inf"))]
+        auc_ok = [t for t, rows in by_task.items() if "hero" in rows and "ddpo-binary" in rows
+                  and rows["hero"]["auc"] is not None and rows["ddpo-binary"]["auc"] is not None
+                  and rows["hero"]["auc"] >= rows["ddpo-binary"]["auc"]]
+        ratio_ok = []
+        for t in reached:
+            rows = by_task[t]
+            ok = all((rows[b]["ratio_80"] or 0) >= need for b, need in
+                     (("ddpo-binary", 2), ("d3po", 4)) if b in rows)
+            if ok:
+                ratio_ok.append(t)
+        lines.append(f"- {person}: hero reaches 80% on {len(reached)}/{len(by_task)} tasks "
+                     f"({', '.join(sorted(reached)) or 'none'}); AUC >= ddpo-binary on "
+                     f"{len(auc_ok)}/{len(by_task)} ({', '.join(sorted(auc_ok)) or 'none'}); "
+                     f"marks-to-80% ratios met on {len(ratio_ok)}/{len(reached)} of those "
+                     f"reached ({', '.join(sorted(ratio_ok)) or 'none'}).")
+    return lines
 
 
 def _fmt(v, pct=False):
@@ -124,47 +247,68 @@ def _fmt(v, pct=False):
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
 
 
+def _ci(v, pct=False):
+    if v is None:
+        return ""
+    return f" ({_fmt(v[0], pct)}–{_fmt(v[1], pct)})"
+
+
+def _pp(v):
+    return "—" if v is None else f"{100 * v:+.1f}"
+
+
 def markdown(summary: dict, meta: dict) -> str:
-    lines = [f"Median over {meta['seeds']} seed(s); success on {meta['eval_n']} fresh N(0, I) "
-             f"samples per point; {meta['batch_size']} marks per round, budget "
-             f"{meta['budget']} marks. 'never' = not reached within the budget. ×hero = the "
-             f"marks this method needed / the marks hero needed (4 or more: hero needed a quarter "
-             f"or less)."
-             + (f" The simulated person marks each image wrongly with probability "
-                f"{meta['flip_rate']:g}." if meta.get("flip_rate") else ""), ""]
-    head = ("| task | method | base | success@128 | @256 | @512 | final | marks to 50% | "
-            "marks to 80% | ×hero (50%) | ×hero (80%) | diversity (before→after) |")
-    lines += [head, "|" + "---|" * 12]
-    for task, rows in summary.items():
-        for method, r in rows.items():
-            lines.append(
-                f"| {task} | {method} | {_fmt(r['base'], 1)} | {_fmt(r['success@128'], 1)} | "
-                f"{_fmt(r['success@256'], 1)} | {_fmt(r['success@512'], 1)} | "
-                f"{_fmt(r['final'], 1)} | {_fmt(r['marks_to_50'])} | {_fmt(r['marks_to_80'])} | "
-                f"{_fmt(r['ratio_50'])} | {_fmt(r['ratio_80'])} | "
-                f"{r['diversity_before']:.3f}→{r['diversity_after']:.3f} |")
+    lines = [f"Median over {meta['seeds']} seed(s), paired by seed (same base, same evaluation "
+             f"noises); 90% bootstrap intervals in brackets. Fresh success on {meta['eval_n']} "
+             f"fresh N(0, I) samples after every round (the LoRA alone, what an exported LoRA "
+             f"gives); session success = the true success of the batch the person is shown "
+             f"(the LoRA on the session's own, possibly guided, noise). AUC = mean success over "
+             f"0–{meta['budget']} marks; ΔAUC = the paired difference to hero, in points. "
+             f"'never' = not reached within the budget; ×hero = marks needed / hero's.", ""]
+    head = ("| task | method | base | AUC fresh | ΔAUC vs hero | final fresh | marks to 50% | "
+            "marks to 80% | ×hero (80%) | AUC session | final session | diversity |")
+    for person, by_task in summary.items():
+        lines += [f"**Simulated person: {person}**", "", head, "|" + "---|" * 12]
+        for task, rows in by_task.items():
+            for method, r in rows.items():
+                lines.append(
+                    f"| {task} | {method} | {_fmt(r['base'], 1)} | "
+                    f"{_fmt(r['auc'], 1)}{_ci(r['auc_ci'], 1)} | "
+                    f"{_pp(r['auc_vs_hero'])}"
+                    f"{'' if r['auc_vs_hero_ci'] is None else ' (%s–%s)' % tuple(_pp(x) for x in r['auc_vs_hero_ci'])} | "
+                    f"{_fmt(r['final'], 1)} | {_fmt(r['marks_to_50'])}{_ci(r['marks_to_50_ci'])} | "
+                    f"{_fmt(r['marks_to_80'])}{_ci(r['marks_to_80_ci'])} | {_fmt(r['ratio_80'])} | "
+                    f"{_fmt(r['session_auc'], 1)} | {_fmt(r['session_final'], 1)} | "
+                    f"{r['diversity_before']:.3f}→{r['diversity_after']:.3f} |")
+        lines.append("")
+    lines += ["**Target check**", ""] + verdict(summary)
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], out: Path) -> list[Path]:
     from .plots import line_plot
     paths = []
-    for task in sorted({r["task"] for r in results}):
-        series = {}
-        for method in METHODS:
-            runs = [r for r in results if r["task"] == task and r["method"] == method]
-            if not runs:
-                continue
-            labels = sorted({p["labels"] for r in runs for p in r["curve"] if p["success"] is not None})
-            ys = [_median([next((p["success"] for p in r["curve"] if p["labels"] == x
-                                 and p["success"] is not None), None) for r in runs])
-                  for x in labels]
-            series[method] = (labels, ys)
-        p = out / f"bench_{task}.png"
-        line_plot(series, title=f"toy task '{task}': success on fresh samples",
-                  xlabel="marks used", ylim=(0, 1), hlines={"80%": 0.8},
-                  colours={m: i for i, m in enumerate(METHODS)}).save(p)
-        paths.append(p)
+    names = list(dict.fromkeys(METHODS + [r["method"] for r in results]))
+    for person in sorted({person_name(r.get("flip_rate", 0.0)) for r in results}):
+        for task in sorted({r["task"] for r in results}):
+            series = {}
+            for method in names:
+                runs = [r for r in results if r["task"] == task and r["method"] == method
+                        and person_name(r.get("flip_rate", 0.0)) == person]
+                if not runs:
+                    continue
+                labels = sorted({p["labels"] for r in runs for p in r["curve"]
+                                 if p["success"] is not None})
+                ys = [_median([next((p["success"] for p in r["curve"] if p["labels"] == x
+                                     and p["success"] is not None), None) for r in runs])
+                      for x in labels]
+                series[method] = (labels, ys)
+            suffix = "" if person == "exact" else "_" + person.replace(" ", "").replace("%", "pc")
+            p = out / f"bench_{task}{suffix}.png"
+            line_plot(series, title=f"toy task '{task}' ({person}): median success on fresh "
+                                    f"samples", xlabel="marks used", ylim=(0, 1),
+                      hlines={"80%": 0.8}, colours={m: i for i, m in enumerate(names)}).save(p)
+            paths.append(p)
     return paths
 
 
@@ -182,6 +326,13 @@ def _run_one(spec: ExperimentSpec, runs_dir: Path, device: str, keep_sessions: b
     return res
 
 
+def _cost(spec: ExperimentSpec) -> float:
+    """A rough relative cost of a session, to start the longest first."""
+    from .session import HeroConfig
+    c = HeroConfig(method=spec.method, **{k: v for k, v in spec.hero.items() if "." not in k})
+    return (1 + c.extra_ratio) * (1.3 if c.uses_encoder else 1.0)
+
+
 def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: int,
             threads: Optional[int] = None, keep_sessions: bool = True) -> list[dict]:
     """Run every session, ``workers`` at a time in separate processes (small torch ops scale
@@ -193,7 +344,7 @@ def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: i
     from concurrent.futures import ProcessPoolExecutor
     per = threads or max(1, (os.cpu_count() or 1) // workers)
     # the longest sessions first, so the last worker does not idle at the end
-    order = sorted(range(len(specs)), key=lambda i: specs[i].method not in ENCODER_METHODS)
+    order = sorted(range(len(specs)), key=lambda i: -_cost(specs[i]))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(per,)) as pool:
         futs = {i: pool.submit(_run_one, specs[i], runs_dir, device, keep_sessions)
@@ -206,15 +357,17 @@ def main(argv: list[str]) -> int:
     from .toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine bench", description=__doc__)
     ap.add_argument("--tasks", default=",".join(sorted(TASKS)))
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated; one of {METHODS}, or a variant with settings "
+                         f"changed, e.g. hero+extra_ratio=0 (an ablation)")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     ap.add_argument("--budget", type=int, default=512, help="marks per session")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--eval-n", type=int, default=128)
+    ap.add_argument("--eval-n", type=int, default=BENCH_EVAL_N)
     ap.add_argument("--steps", type=int, default=BENCH_STEPS,
                     help=f"DDIM steps for training and evaluation (default {BENCH_STEPS})")
     ap.add_argument("--ppo-timesteps", type=int, default=BENCH_PPO_TIMESTEPS,
-                    help="timesteps trained per sample by PPO / D3PO "
+                    help="timesteps trained per sample by PPO / D3PO, every method "
                          f"(default {BENCH_PPO_TIMESTEPS})")
     ap.add_argument("--lr", type=float, default=1e-2,
                     help="LoRA learning rate of the DDPO methods (toy scale)")
@@ -234,10 +387,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="score >= threshold is good")
     ap.add_argument("--prompt", default=None, help="prompt for a custom evaluator")
     ap.add_argument("--fresh-ratio", type=float, default=0.0,
-                    help="hero only, not in HERO: share of each guided batch kept at N(0, I)")
-    ap.add_argument("--flip-rate", type=float, default=0.0,
-                    help="chance that the simulated person marks an image wrongly (0-0.5); "
-                         "success is still measured with the true scores")
+                    help="not in HERO: share of each guided batch kept at N(0, I)")
+    ap.add_argument("--flip-rates", default="0,0.1",
+                    help="the simulated people: for each rate, a person who marks each image "
+                         "wrongly with that chance (0 = exact); success is always judged by the "
+                         "true scores")
+    ap.add_argument("--flip-rate", type=float, default=None,
+                    help="one simulated person only (overrides --flip-rates)")
     ap.add_argument("--out", default="hero_out/bench")
     ap.add_argument("--report", default=None, metavar="BENCH_JSON",
                     help="run nothing: write the table and plots of an earlier bench.json to --out")
@@ -246,17 +402,26 @@ def main(argv: list[str]) -> int:
     if a.report:
         return report(Path(a.report), Path(a.out))
     device = apply_runtime_args(a)
-    if not 0 <= a.flip_rate <= 0.5:
-        ap.error(f"--flip-rate must be in [0, 0.5], got {a.flip_rate}")
+    try:
+        flips = ([a.flip_rate] if a.flip_rate is not None
+                 else [float(f) for f in a.flip_rates.split(",") if f])
+    except ValueError:
+        ap.error(f"--flip-rates must be numbers separated by commas, got {a.flip_rates!r}")
+    for f in flips:
+        if not 0 <= f <= 0.5:
+            ap.error(f"--flip-rate must be in [0, 0.5], got {f}")
     if not 0 <= a.fresh_ratio < 1:
         ap.error(f"--fresh-ratio must be in [0, 1), got {a.fresh_ratio}")
     if a.quick:
         a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
+        flips = [0.0]
     tasks = [t for t in a.tasks.split(",") if t]
-    methods = [m for m in a.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method {m!r}; choose from {METHODS}")
+    methods = []
+    for m in (m for m in a.methods.split(",") if m):
+        try:
+            methods.append((m, *parse_method(m)))
+        except ValueError as e:
+            ap.error(str(e))
     score_fn = None
     if a.evaluator:
         score_fn = load_evaluator(a.evaluator)
@@ -271,21 +436,31 @@ def main(argv: list[str]) -> int:
     rounds = max(1, a.budget // a.batch_size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [ExperimentSpec(task=task, method=method, rounds=rounds, batch_size=a.batch_size,
-                            seed=seed, eval_n=a.eval_n, steps=a.steps,
-                            lr=a.d3po_lr if method == "d3po" else a.lr,
-                            ppo_timesteps=a.ppo_timesteps, ppo_batch=BENCH_PPO_BATCH,
-                            encoder_epochs=a.encoder_epochs, encoder_lr=BENCH_ENCODER_LR,
-                            score_fn=score_fn, threshold=a.threshold, prompt=a.prompt,
-                            flip_rate=a.flip_rate,
-                            hero={"fresh_ratio": a.fresh_ratio} if a.fresh_ratio else {})
-             for task in tasks for seed in seeds for method in methods]
+    from .session import HeroConfig
+
+    def spec(task, seed, flip, label, method, over):
+        over = dict(over)
+        if a.fresh_ratio and "fresh_ratio" not in over:
+            over["fresh_ratio"] = a.fresh_ratio
+        d3po = HeroConfig(method=method, **{k: v for k, v in over.items()
+                                            if "." not in k}).update == "d3po"
+        return ExperimentSpec(task=task, method=method, label=label, rounds=rounds,
+                              batch_size=a.batch_size, seed=seed, eval_n=a.eval_n,
+                              steps=a.steps, lr=a.d3po_lr if d3po else a.lr,
+                              ppo_timesteps=a.ppo_timesteps, ppo_batch=BENCH_PPO_BATCH,
+                              encoder_epochs=a.encoder_epochs, encoder_lr=BENCH_ENCODER_LR,
+                              score_fn=score_fn, threshold=a.threshold, prompt=a.prompt,
+                              flip_rate=flip, hero=over)
+
+    specs = [spec(task, seed, flip, label, method, over)
+             for flip in flips for task in tasks for seed in seeds
+             for label, method, over in methods]
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
     results = run_all(specs, out / "runs", device, workers, a.threads, a.keep_sessions)
     meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
-            "encoder_epochs": a.encoder_epochs, "flip_rate": a.flip_rate,
+            "encoder_epochs": a.encoder_epochs, "flip_rates": flips,
             "fresh_ratio": a.fresh_ratio,
             "lr": a.lr, "d3po_lr": a.d3po_lr, "encoder_lr": BENCH_ENCODER_LR, "device": device,
             "workers": workers, "seconds": time.time() - t0,

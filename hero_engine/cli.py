@@ -28,6 +28,7 @@ def apply_runtime_args(a: argparse.Namespace) -> str:
 def demo(argv: list[str]) -> int:
     from .experiment import ExperimentSpec, run_experiment
     from .plots import line_plot
+    from .session import METHOD_TRAITS
     from .toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine demo",
                                  description="A whole HERO session on the embedded toy model, "
@@ -46,8 +47,8 @@ def demo(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the toy's)")
     ap.add_argument("--lr", type=float, default=1e-2,
                     help="LoRA learning rate (toy scale; the SD default is 1e-3)")
-    ap.add_argument("--method", default="hero",
-                    choices=["hero", "hero-no-guidance", "ddpo-binary", "d3po"])
+    ap.add_argument("--method", default="hero", choices=list(METHOD_TRAITS),
+                    help="hero: our recipe (default); hero-paper: the paper's settings")
     ap.add_argument("--out", default="hero_out/demo", help="output folder")
     add_runtime_args(ap)
     a = ap.parse_args(argv)

@@ -6,6 +6,7 @@ evaluation seeds (hero_spec 11.11), never on the feedback-guided training batche
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,17 @@ class ExperimentSpec:
     # small images get a 4x narrower one so a round fits the CPU demo budget
     encoder_trunk: int = 512
     encoder_head: tuple = (512, 256, 128)
-    reward_features: str = "trunk"
+    reward_features: Optional[str] = None   # None: the method's (METHOD_TRAITS)
     score_fn: Optional[Callable[[Tensor, list], Tensor]] = None   # custom evaluator
     threshold: Optional[float] = None
     flip_rate: float = 0.0        # simulated person: chance that a good/bad mark is wrong
     prompt: Optional[str] = None
-    hero: dict = field(default_factory=dict)   # other HeroConfig fields (beta, epsilon, ...)
+    hero: dict = field(default_factory=dict)   # other HeroConfig fields (beta, epsilon, traits)
+    label: Optional[str] = None   # the name results are filed under (default: method)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
 
 
 def toy_backend(spec: ExperimentSpec, device="cpu"):
@@ -80,18 +86,27 @@ _SAMPLES_PER_STEP = PolicyConfig.train_batch_size * PolicyConfig.grad_accum
 
 
 def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
+    extra = {k: v for k, v in spec.hero.items() if "." not in k}
+    sub = {"policy": {}, "representation": {}}
+    for k, v in spec.hero.items():     # "policy.clip_range" etc.: the nested settings
+        if "." in k:
+            part, name = k.split(".", 1)
+            sub[part][name] = v
+    if spec.reward_features is not None:
+        extra["reward_features"] = spec.reward_features
     return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg,
-                      reward_features=spec.reward_features, budget=spec.rounds * spec.batch_size,
+                      budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
-                      policy=PolicyConfig(lr=spec.lr,
-                                          timesteps_per_sample=spec.ppo_timesteps,
-                                          train_batch_size=spec.ppo_batch,
-                                          grad_accum=max(1, _SAMPLES_PER_STEP // spec.ppo_batch)),
-                      representation=RepresentationConfig(epochs=spec.encoder_epochs,
-                                                          lr=spec.encoder_lr,
-                                                          trunk_dim=spec.encoder_trunk,
-                                                          head_dims=tuple(spec.encoder_head)),
-                      **spec.hero).validate()
+                      policy=PolicyConfig(**{
+                          "lr": spec.lr, "timesteps_per_sample": spec.ppo_timesteps,
+                          "train_batch_size": spec.ppo_batch,
+                          "grad_accum": max(1, _SAMPLES_PER_STEP // spec.ppo_batch),
+                          **sub["policy"]}),
+                      representation=RepresentationConfig(**{
+                          "epochs": spec.encoder_epochs, "lr": spec.encoder_lr,
+                          "trunk_dim": spec.encoder_trunk, "head_dims": tuple(spec.encoder_head),
+                          **sub["representation"]}),
+                      **extra).validate()
 
 
 def evaluate(be: DiffusersBackend, score_fn, threshold: float, n: int, steps: int, seed: int,
@@ -125,7 +140,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     score_fn = spec.score_fn or task.score
     threshold = spec.threshold if spec.threshold is not None else task.threshold
     prompt = be.prompts[0]
-    sess_dir = out_dir / f"session-{spec.task}-{spec.method}-s{spec.seed}"
+    tag = re.sub(r"[^A-Za-z0-9_-]", "_", f"{spec.task}-{spec.name}-f{spec.flip_rate:g}-s{spec.seed}")
+    sess_dir = out_dir / f"session-{tag}"
     if sess_dir.exists():
         import shutil
         shutil.rmtree(sess_dir)
@@ -152,24 +168,41 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     if save_grids:
         image_grid(first["images"][:64], 16).save(out_dir / "base_samples.png")
 
+    seen: dict = {}
+
     def query(batch):
         best = session.best
         marks, scores = ev.query(batch.images, [prompt] * batch.size,
                                  None if best is None else best.score)
+        # what the person sees: the true success of the batch this round showed
+        seen["session_success"] = (scores >= threshold).float().mean().item()
         score = float(scores[marks.best]) if marks.best is not None else None
         if save_grids:
             image_grid(batch.images, 16, {"good": list(marks.good), "best": marks.best}, 2).save(
                 out_dir / f"round_{batch.round:02d}.png")
         return marks, score
 
+    def inspect(plan):
+        # how well the representation's soft labels match the truth on the unmarked samples
+        if plan.extra is not None:
+            imgs = be.decode(plan.extra["x0"].to(be.device)).float().clamp(0, 1).cpu()
+            truth = (score_fn(imgs, [prompt] * len(imgs)).float() >= threshold).float()
+            pred = (plan.extra["labels"] > 0.5).float()
+            plan.metrics.update(extra_label_accuracy=(pred == truth).float().mean().item(),
+                                extra_true_good=truth.mean().item())
+
     last = first
     for r in range(spec.rounds):
         t0 = time.time()
-        m = loop.run_round(session, be, query)
+        m = loop.run_round(session, be, query, inspect=inspect)
+        curve[-1]["session_success"] = seen["session_success"]
         final = r == spec.rounds - 1
         do_eval = (spec.eval_every and (r + 1) % spec.eval_every == 0) or final
         point = {"labels": session.labels_used, "round": r + 1, "good_rate": m["good_rate"],
-                 "reward_std": m.get("reward_std"), "success": None, "diversity": None}
+                 "reward_std": m.get("reward_std"), "success": None, "diversity": None,
+                 "session_success": None, "bad_above_mean": m.get("bad_above_mean"),
+                 "clipfrac": m.get("policy_clipfrac"),
+                 "extra_label_accuracy": m.get("extra_label_accuracy")}
         if do_eval:
             last = measure(f"round {r}", spec.eval_n if final else (spec.eval_n_mid or spec.eval_n))
             point.update(success=last["success"], diversity=last["diversity"])
@@ -178,9 +211,16 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
             f"marks {session.labels_used}  good rate {m['good_rate']:.3f}  "
             f"reward spread {m['reward_std']:.4f}  {succ}{time.time() - t0:.1f}s")
+    # the batch the person would see next (not marked, not stored): session success at the end
+    noises, _ = loop.plan_initial_noise(session, tuple(be.latent_shape))
+    nxt = be.sample_fresh(len(noises), steps, 0, x_T=noises)
+    curve[-1]["session_success"] = (score_fn(nxt, [prompt] * len(nxt)).float()
+                                    >= threshold).float().mean().item()
     if save_grids:
         image_grid(last["images"][:64], 16).save(out_dir / "final_samples.png")
-    result = {"task": spec.task, "method": spec.method, "seed": spec.seed, "prompt": prompt,
+    result = {"task": spec.task, "method": spec.name, "base_method": spec.method,
+              "overrides": {k: v for k, v in spec.hero.items()}, "flip_rate": spec.flip_rate,
+              "seed": spec.seed, "prompt": prompt,
               "eval_n": spec.eval_n, "batch_size": spec.batch_size, "steps": steps,
               "cfg": be.cfg, "curve": curve, "success_before": first["success"],
               "success_after": last["success"], "marks": session.labels_used,
@@ -194,6 +234,6 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
             "hero_marks_used": str(session.labels_used), "hero_prompts": json.dumps([prompt]),
             "hero_task": spec.task})
         result["lora"] = str(path)
-    (out_dir / f"result-{spec.task}-{spec.method}-s{spec.seed}.json").write_text(
+    (out_dir / f"result-{tag}.json").write_text(
         json.dumps(result, indent=1))
     return result

@@ -152,8 +152,8 @@ def best_from_candidates(good: Sequence[int], position: int) -> Optional[int]:
 class SimulatedEvaluator:
     """A scripted "human": scores each image and answers like the paper's interface.
 
-    good = score >= threshold; best = the top-scoring good image if it beats the current best's
-    score, else keep. The paper's rules are then enforced: if no image is good, the top-scoring
+    good = score >= threshold; best = the top-scoring good image if it scores at least the current
+    best's score, else keep. The paper's rules are then enforced: if no image is good, the top-scoring
     one is marked good; if all are good, the lowest-scoring one is marked bad.
 
     ``flip_rate`` models an inconsistent person: each image's good/bad mark is flipped with that
@@ -190,7 +190,9 @@ class SimulatedEvaluator:
         if len(good) == n:
             good.remove(order[-1])
         top = max(good, key=lambda i: float(scores[i]))
-        best = top if current_best_score is None or float(scores[top]) > current_best_score else None
+        # an equal score replaces the best too: with a strict '>' the first top-score image stays
+        # the best for good, and similarity to it rewards that one image's size and place
+        best = top if current_best_score is None or float(scores[top]) >= current_best_score else None
         marks = Marks.from_good(n, good, best).validate(n, current_best_score is not None)
         self.labels_used += marks.count
         return marks, scores

@@ -3,7 +3,8 @@
     generate_round      feedback-guided noise -> DDIM(eta) chain with log-probs -> images, stored
     (marks)             Session.record_marks (a person through the marks API, or an evaluator)
     prepare_learning    best record, good-noise pool, representation learning, rewards, advantages
-    apply_policy_update PPO (or D3PO) on the LoRA through the backend's denoiser
+    apply_policy_update (extra unmarked samples scored by the representation), then PPO (or D3PO)
+                        on the LoRA through the backend's denoiser
     complete_round      LoRA + optimizers + encoder + best + pool + metrics, one atomic commit
 
 The ComfyUI adapter calls these pieces from inside its own sampler; the toy demo and the
@@ -12,6 +13,7 @@ round re-run after a crash draws exactly what the interrupted run drew.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -20,16 +22,20 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
 from .policy import PolicyOptimizer, d3po_update, ppo_update
 from .representation import RepresentationTrainer
-from .reward import advantages, binary_reward, similarity_reward, similarity_to_positives
+from .reward import (advantages, binary_reward, mark_anchored_reward, similarity_reward,
+                     similarity_to_positives)
 from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob
 from .session import BestRecord, Session, SessionError
 
 __all__ = ["round_generator", "plan_initial_noise", "generate_round", "LearnPlan",
-           "prepare_learning", "apply_policy_update", "complete_round", "run_round"]
+           "prepare_learning", "add_extra_samples", "policy_batch", "apply_policy_update",
+           "complete_round",
+           "run_round"]
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -43,12 +49,12 @@ def round_generator(session: Session, k: int, phase: str, device="cpu") -> torch
 
 
 def plan_initial_noise(session: Session, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """x_T for the round in progress: N(0, I) in round 0 (and always for ``hero-no-guidance``,
-    ``ddpo-binary`` and ``d3po``), feedback-guided afterwards (guidance.initial_noise)."""
+    """x_T for the round in progress: N(0, I) in round 0 (and always for a method without the
+    ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise)."""
     cfg = session.config
     gen = round_generator(session, session.round, "noise")
     st = session.load_state()
-    guided = cfg.method == "hero" and "best" in st
+    guided = cfg.guidance and "best" in st
     if not guided:
         return initial_noise(cfg.batch_size, shape, gen)
     return initial_noise(cfg.batch_size, shape, gen, best_noise=st["best"]["noise"],
@@ -89,11 +95,12 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
             lambda i, n, s=s: progress("generate", s * n // max(1, micro_batch) + i,
                                        cfg.batch_size * n // max(1, micro_batch)))
         trajs.append(sample_with_logprob(denoiser, noises[idx].to(device), schedule, cfg.eta,
-                                         generator=gen, callback=cb, index=idx.to(device)))
+                                         generator=gen, callback=cb, index=idx.to(device),
+                                         store_dtype=torch.float16))  # as the session stores it
     traj = Trajectory(torch.cat([t.latents for t in trajs]), torch.cat([t.log_probs for t in trajs]),
                       schedule, cfg.eta)
     with torch.no_grad():
-        images = decode(traj.x0).float().clamp(0, 1)
+        images = decode(traj.x0.float()).float().clamp(0, 1)
     feats = traj.feature_latents(cfg.feature_latent)
     session.save_generated(k, noises, traj, feats, images,
                            {"prompts": list(prompts), "centre_ids": ids.tolist(),
@@ -114,6 +121,10 @@ class LearnPlan:
     pool: Tensor
     encoder: Optional[RepresentationTrainer]
     metrics: dict = field(default_factory=dict)
+    marked_features: Optional[Tensor] = None   # every marked image so far (replay), for scoring
+    marked_labels: Optional[Tensor] = None     # their marks, 1 good / 0 bad
+    extra: Optional[dict] = None               # the unmarked samples of apply_policy_update
+    fresh: Optional[Tensor] = None             # [B] bool: the chain started from N(0, I)
 
 
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
@@ -151,22 +162,38 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
                "good": len(marks.good), "good_rate": len(marks.good) / n,
                "best_changed": marks.best is not None, "method": cfg.method}
     encoder = None
-    if cfg.method == "hero" or cfg.method == "hero-no-guidance":
-        # 4. representation learning, continued across rounds
+    y = torch.zeros(n)
+    y[list(marks.good)] = 1.0
+    all_feats, all_y = feats, y
+    if cfg.uses_encoder:
+        # 4. representation learning, continued across rounds; with ``encoder_replay`` the
+        # triplets come from every round marked so far (the marks are scarce, the steps cheap)
         encoder = RepresentationTrainer(feats.shape[1], cfg.representation, seed=cfg.seed,
                                         device=device)
         if "encoder" in st:
             encoder.load_state_dict(st["encoder"])
-        losses = encoder.train_round(feats, best_feature, list(marks.good), list(marks.bad),
-                                     marks.best, round_generator(session, k, "encoder"))
-        metrics.update(triplet_loss_first=losses[0], triplet_loss_last=losses[-1])
-        # 5. reward on the trunk features
+        if cfg.encoder_replay:
+            past_f, past_y = session.marked_history(k)
+            all_feats, all_y = torch.cat([past_f, feats]), torch.cat([past_y, y])
+        off = len(all_feats) - n
+        good_all = torch.nonzero(all_y > 0.5).flatten().tolist()
+        bad_all = torch.nonzero(all_y <= 0.5).flatten().tolist()
+        losses = encoder.train_round(all_feats, best_feature, good_all, bad_all,
+                                     None if marks.best is None else off + marks.best,
+                                     round_generator(session, k, "encoder"), n_triplets=n)
+        metrics.update(triplet_loss_first=losses[0], triplet_loss_last=losses[-1],
+                       encoder_marks=len(all_feats))
+        # 5. reward on the trunk (the paper) or head features
         h = encoder.features(feats, cfg.reward_features)
         if cfg.reward_mode == "similarity-to-best":
-            rewards = similarity_reward(h, encoder.features(best_feature[None],
-                                                            cfg.reward_features)[0])
+            sim = similarity_reward(h, encoder.features(best_feature[None],
+                                                        cfg.reward_features)[0])
         else:
-            rewards = similarity_to_positives(h, list(marks.good))
+            sim = similarity_to_positives(h, list(marks.good))
+        if cfg.reward == "marks+similarity":
+            rewards = mark_anchored_reward(y, sim.cpu(), cfg.mark_credit)
+        else:
+            rewards = sim
     else:
         rewards = binary_reward(n, list(marks.good))
     rewards = rewards.cpu()
@@ -175,23 +202,96 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
     bad_r = rewards[list(marks.bad)].mean().item()
     metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                    reward_min=rewards.min().item(), reward_max=rewards.max().item(),
-                   reward_good_minus_bad=good_r - bad_r, encoder_seconds=time.time() - t0)
+                   reward_good_minus_bad=good_r - bad_r, encoder_seconds=time.time() - t0,
+                   bad_above_mean=(adv[list(marks.bad)] > 0).float().mean().item())
     return LearnPlan(k, marks, traj, rewards, adv, best, best_feature, best_noise, pool, encoder,
-                     metrics)
+                     metrics, marked_features=all_feats, marked_labels=all_y,
+                     fresh=_fresh_chains(session, k, n))
+
+
+def add_extra_samples(session: Session, plan: LearnPlan, denoiser: Denoiser,
+                      progress: Progress = None) -> tuple[Trajectory, Tensor]:
+    """``extra_ratio`` x batch unmarked chains from N(0, I) under the policy that made the batch,
+    scored by the representation (extra_samples.py) -> (their chains, their rewards)."""
+    cfg = session.config
+    traj = plan.trajectory
+    dev = traj.latents.device
+    cb = None if progress is None else (lambda i, n: progress("extra samples", i, n))
+    t0 = time.time()
+    m = cfg.extra_samples(len(traj))
+    extra = sample_extra(denoiser, m, tuple(traj.latents.shape[2:]),
+                         traj.schedule, traj.eta, round_generator(session, plan.round, "extra"),
+                         dev, micro_batch=max(1, len(traj)), index_cycle=len(traj), callback=cb)
+    feats = extra.feature_latents(cfg.feature_latent).float()
+    r_extra, p = score_extra(plan.encoder, feats, plan.marked_features, plan.marked_labels,
+                             plan.best_feature, cfg.extra_neighbours, cfg.mark_credit,
+                             cfg.reward_features)
+    plan.extra = {"x0": extra.x0.float().cpu(), "labels": p, "rewards": r_extra}
+    plan.metrics.update(extra_samples=m,
+                        extra_predicted_good=float((p > 0.5).float().mean()),
+                        extra_seconds=time.time() - t0)
+    return extra, r_extra
+
+
+def policy_batch(session: Session, plan: LearnPlan, denoiser: Denoiser,
+                 progress: Progress = None) -> tuple[Trajectory, Tensor]:
+    """The chains the policy update trains on and their advantages, whitened over them: the
+    marked batch (without its guided chains when the method's ``guided_policy`` is off) and the
+    extra samples (``extra_ratio``)."""
+    cfg = session.config
+    traj, rewards = plan.trajectory, plan.rewards
+    n = len(traj)
+    keep = torch.arange(n)
+    if not cfg.guided_policy and plan.fresh is not None:
+        keep = torch.nonzero(plan.fresh).flatten()
+    want_extra = cfg.extra_samples(n) > 0 and plan.encoder is not None
+    if len(keep) == 0 and not want_extra:
+        keep = torch.arange(n)       # nothing fresh to train on: the batch as it is
+    if len(keep) == n and not want_extra:
+        return traj, plan.advantages
+    dev = traj.latents.device
+    parts_l, parts_p, parts_r = [traj.latents[keep.to(dev)]], [traj.log_probs[keep.to(dev)]], \
+        [rewards[keep]]
+    if want_extra:
+        extra, r_extra = add_extra_samples(session, plan, denoiser, progress)
+        parts_l.append(extra.latents.to(dev, traj.latents.dtype))
+        parts_p.append(extra.log_probs.to(traj.log_probs.device))
+        parts_r.append(r_extra)
+    plan.metrics["policy_chains"] = sum(len(x) for x in parts_r)
+    both = Trajectory(torch.cat(parts_l), torch.cat(parts_p), traj.schedule, traj.eta)
+    return both, advantages(torch.cat(parts_r), cfg.policy.adv_clip)
+
+
+def _fresh_chains(session: Session, k: int, n: int) -> Optional[Tensor]:
+    ids = session.round_meta(k).get("centre_ids")
+    return None if ids is None or len(ids) != n else torch.tensor(ids) == -1
 
 
 def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
                         popt: PolicyOptimizer, progress: Progress = None) -> dict:
-    """Step 6: one PPO epoch (or D3PO for the baseline) through the backend's denoiser."""
+    """Step 6: PPO (or D3PO for the baseline) through the backend's denoiser, over
+    ``policy_batch``: the marked batch and, with the ``extra_ratio`` trait, the unmarked samples
+    the representation scores."""
     cfg = session.config
     gen = round_generator(session, plan.round, "policy")
     cb = None if progress is None else (lambda i, n: progress("train", i, n))
     t0 = time.time()
-    if cfg.method == "d3po":
+    if cfg.update == "d3po":
         m = d3po_update(denoiser, plan.trajectory, list(plan.marks.good), list(plan.marks.bad),
                         popt, gen, cb)
     else:
-        m = ppo_update(denoiser, plan.trajectory, plan.advantages, popt, gen, cb)
+        traj, adv = policy_batch(session, plan, denoiser, progress)
+        pcfg = popt.config
+        # as many AdamW steps as the marked batch alone would take, each over more (or fewer)
+        # samples: extra samples sharpen the gradient, they do not lengthen the step
+        grow = len(traj) / len(plan.trajectory)
+        if grow != 1:
+            popt.config = dataclasses.replace(
+                pcfg, grad_accum=max(1, round(pcfg.grad_accum * grow)))
+        try:
+            m = ppo_update(denoiser, traj, adv, popt, gen, cb)
+        finally:
+            popt.config = pcfg
     m = {f"policy_{k}": v for k, v in m.items()}
     m["policy_seconds"] = time.time() - t0
     plan.metrics.update(m)
@@ -213,9 +313,11 @@ def complete_round(session: Session, plan: LearnPlan, lora_state: dict, popt: Po
 
 
 def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Marks, Optional[float]]],
-              progress: Progress = None) -> dict:
+              progress: Progress = None, inspect: Optional[Callable[[LearnPlan], None]] = None
+              ) -> dict:
     """A whole round on a standalone backend (toy, diffusers): generate, ask ``query`` for marks
-    (returns the marks and the new best's score, if known), learn, commit."""
+    (returns the marks and the new best's score, if known), learn, commit. ``inspect(plan)`` sees
+    the round's plan after the update (the benchmark checks the extra samples' labels)."""
     t0 = time.time()
     batch = generate_round(session, backend.denoiser(), backend.decode,
                            backend.schedule(session.config.steps), backend.latent_shape,
@@ -226,5 +328,7 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     plan = prepare_learning(session, backend.device, best_score=best_score, progress=progress)
     popt = backend.policy_optimizer(session)
     apply_policy_update(session, plan, backend.denoiser(), popt, progress)
+    if inspect is not None:
+        inspect(plan)
     return complete_round(session, plan, backend.lora_state(), popt,
                           {"generate_seconds": t1 - t0, "round_seconds": time.time() - t0})

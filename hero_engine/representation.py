@@ -121,12 +121,15 @@ class RepresentationTrainer:
         return next(self.net.parameters()).device
 
     def train_round(self, features: Tensor, best_feature: Tensor, good: Sequence[int],
-                    bad: Sequence[int], best: Optional[int], generator: torch.Generator
-                    ) -> list[float]:
-        """``epochs`` Adam steps of the triplet loss on this round's features [N, C, H, W] with
-        anchor = the best feature [C, H, W] (possibly from an earlier round). Returns the losses."""
+                    bad: Sequence[int], best: Optional[int], generator: torch.Generator,
+                    n_triplets: Optional[int] = None) -> list[float]:
+        """``epochs`` Adam steps of the triplet loss on the marked features [N, C, H, W] (this
+        round's, or every round's with replay) with anchor = the best feature [C, H, W]
+        (possibly from an earlier round). Each step draws ``n_triplets`` triplets (default N).
+        Returns the losses."""
         cfg = self.config
-        n = features.shape[0]
+        n_img = features.shape[0]
+        n = n_triplets or n_img
         f = features.to(self.device).float()
         a = best_feature.to(self.device).float().unsqueeze(0)
         self.net.train()
@@ -140,7 +143,7 @@ class RepresentationTrainer:
                 # and gradient as embedding every (a, p, n) row, at (N + 1) / (2B + 1) the cost
                 used = torch.unique(torch.cat([pp, qq]))
                 z_used = self.net(torch.cat([fa[:1], fa[1 + used]]))
-                pos = torch.full((n,), -1, dtype=torch.long)
+                pos = torch.full((n_img,), -1, dtype=torch.long)
                 pos[used] = torch.arange(1, len(used) + 1)
                 za = z_used[:1].expand(len(pp), -1)
                 zp, zn = z_used[pos[pp]], z_used[pos[qq]]

@@ -171,6 +171,8 @@ def sample_with_logprob(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule,
                         index: Optional[Tensor] = None, store_dtype: torch.dtype = torch.float32,
                         ) -> Trajectory:
     """Run the DDIM(eta) chain from ``x_T`` and record every transition and its log-prob.
+    The chain is held at ``store_dtype`` (a session stores fp16: pass torch.float16), so the
+    stored latents are exactly the ones the log-probs were computed on.
     ``callback(step, total)`` is called after each step (progress bars, interrupts)."""
     if x_T.dim() != 4:
         raise ValueError(f"x_T must be [B, C, H, W], got shape {tuple(x_T.shape)}")
@@ -178,7 +180,7 @@ def sample_with_logprob(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule,
         raise ValueError("empty batch: batch_size must be at least 1")
     B = x_T.shape[0]
     idx = torch.arange(B, device=x_T.device) if index is None else index.to(x_T.device)
-    x = x_T.float()
+    x = x_T.to(store_dtype).float()
     latents = [x.to(store_dtype)]
     log_probs = []
     for i in range(len(schedule)):
@@ -188,9 +190,11 @@ def sample_with_logprob(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule,
         mean, std = ddim_step_gaussian(x, eps, ab_t, ab_prev, eta)
         noise = torch.randn(x.shape, generator=generator, device=x.device if generator is None
                             else generator.device, dtype=torch.float32).to(x.device)
-        x_prev = mean + std * noise
+        # the chain itself is held at ``store_dtype``: what is stored is exactly what the next
+        # step and the log-prob saw, so a recomputed log-prob equals the stored one (ratio 1)
+        x_prev = (mean + std * noise).to(store_dtype).float()
         if eta > 0:
-            log_probs.append(gaussian_log_prob(x_prev.to(store_dtype), mean, std))
+            log_probs.append(gaussian_log_prob(x_prev, mean, std))
         else:
             log_probs.append(torch.zeros(B, device=x.device))
         x = x_prev

@@ -53,10 +53,40 @@ def valid_session_id(session_id: str) -> str:
     return session_id
 
 
+# Each method is a set of traits; the loop reads the traits, never the method's name.
+#   guidance        feedback-guided initial noise for the person's batch (HERO section 4)
+#   guided_policy   the guided chains train the policy too (the paper); False: they teach the
+#                   representation only, and the policy learns from fresh-noise chains
+#   reward          "similarity": the learned similarity to the best (the paper);
+#                   "marks+similarity": the marks as the backbone, the learned similarity as graded
+#                   credit within each class (a marked-bad image never outranks a marked-good one);
+#                   "marks": 1 good / 0 bad, no representation network (ddpo-binary, d3po)
+#   reward_features trunk E(f) (the paper) or head g(E(f)) (what the triplet loss shapes)
+#   encoder_replay  triplets from every marked round so far (False: the round's own, the paper)
+#   extra_ratio     unmarked N(0, I) samples per round, as a multiple of the batch, that the
+#                   representation scores for the policy update (0: only the marked batch)
+#   update          "ppo" (DDPO's clipped objective) or "d3po"
+METHOD_TRAITS: dict[str, dict] = {
+    "hero": dict(guidance=True, guided_policy=False, reward="marks+similarity", reward_features="head",
+                 encoder_replay=True, extra_ratio=1.0, update="ppo"),
+    "hero-paper": dict(guidance=True, guided_policy=True, reward="similarity", reward_features="trunk",
+                       encoder_replay=False, extra_ratio=0.0, update="ppo"),
+    "hero-no-guidance": dict(guidance=False, guided_policy=True, reward="similarity", reward_features="trunk",
+                             encoder_replay=False, extra_ratio=0.0, update="ppo"),
+    "ddpo-binary": dict(guidance=False, guided_policy=True, reward="marks", reward_features="trunk",
+                        encoder_replay=False, extra_ratio=0.0, update="ppo"),
+    "d3po": dict(guidance=False, guided_policy=True, reward="marks", reward_features="trunk",
+                 encoder_replay=False, extra_ratio=0.0, update="d3po"),
+}
+TRAITS = ("guidance", "guided_policy", "reward", "reward_features", "encoder_replay", "extra_ratio", "update")
+
+
 @dataclass
 class HeroConfig:
-    """Every HERO setting, with the official defaults (hero_spec section 2)."""
-    method: str = "hero"           # hero | hero-no-guidance | ddpo-binary | d3po
+    """Every HERO setting, with the official defaults (hero_spec section 2). The method's traits
+    (``METHOD_TRAITS``) fill every trait left at ``None``; a trait given explicitly overrides it
+    (the benchmark's ablations)."""
+    method: str = "hero"           # a key of METHOD_TRAITS
     batch_size: int = 64
     steps: int = 50
     eta: float = 1.0
@@ -68,15 +98,38 @@ class HeroConfig:
     lora_alpha: float = 4.0
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
     reward_mode: str = "similarity-to-best"   # | similarity-to-all-positive
-    reward_features: str = "trunk"  # trunk: E(f), 2048-d, as the official code | head: g(E(f))
     budget: int = 512               # feedback budget N_fb (labels)
     max_rounds: int = 100
     seed: int = 0
     keep_trajectories: bool = False
+    # method traits (None = the method's, METHOD_TRAITS)
+    guidance: Optional[bool] = None
+    guided_policy: Optional[bool] = None
+    reward: Optional[str] = None
+    reward_features: Optional[str] = None
+    encoder_replay: Optional[bool] = None
+    extra_ratio: Optional[float] = None
+    update: Optional[str] = None
+    mark_credit: float = 0.25       # "marks+similarity": the within-class credit's range [0, c)
+    extra_neighbours: int = 8       # marked neighbours that score an extra sample (k of the kNN)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
 
-    METHODS = ("hero", "hero-no-guidance", "ddpo-binary", "d3po")
+    METHODS = tuple(METHOD_TRAITS)
+
+    def __post_init__(self):
+        for k, v in METHOD_TRAITS.get(self.method, {}).items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+
+    def extra_samples(self, batch: int) -> int:
+        """M, the unmarked samples a round of ``batch`` marked images adds."""
+        return int(round(self.extra_ratio * batch))
+
+    @property
+    def uses_encoder(self) -> bool:
+        """Whether the method learns a representation from the marks."""
+        return self.reward != "marks"
 
     def validate(self) -> "HeroConfig":
         if self.method not in self.METHODS:
@@ -92,6 +145,21 @@ class HeroConfig:
             raise ValueError(f"unknown reward_mode {self.reward_mode!r}")
         if self.reward_features not in ("trunk", "head"):
             raise ValueError("reward_features must be 'trunk' or 'head'")
+        if self.reward not in ("similarity", "marks+similarity", "marks"):
+            raise ValueError(f"reward must be 'similarity', 'marks+similarity' or 'marks', got "
+                             f"{self.reward!r}")
+        if self.update not in ("ppo", "d3po"):
+            raise ValueError(f"update must be 'ppo' or 'd3po', got {self.update!r}")
+        if self.extra_ratio < 0:
+            raise ValueError(f"extra_ratio must be 0 or more, got {self.extra_ratio}")
+        if self.extra_ratio and not self.uses_encoder:
+            raise ValueError("extra_ratio needs a learned representation to score the extra "
+                             "samples; use a reward other than 'marks' or set extra_ratio to 0")
+        if self.extra_neighbours < 1:
+            raise ValueError("extra_neighbours must be at least 1")
+        if not 0 <= self.mark_credit < 1:
+            raise ValueError("mark_credit must lie in [0, 1) so that no bad image outranks a "
+                             "good one")
         if self.lora_rank < 1:
             raise ValueError("lora_rank must be at least 1")
         if not 0 <= self.beta <= 1 or not 0 <= self.epsilon <= 1:
@@ -112,6 +180,9 @@ class HeroConfig:
             rep["head_dims"] = tuple(rep["head_dims"])
         rep = RepresentationConfig(**rep)
         known = {f.name for f in dataclasses.fields(cls)}
+        if d.get("method") == "hero" and "reward" not in d:
+            # written before the method traits existed: that "hero" was the paper's recipe
+            d["method"] = "hero-paper"
         unknown = set(d) - known
         if unknown:
             raise SessionError(f"unknown config keys {sorted(unknown)}; this session was written "
@@ -320,6 +391,27 @@ class Session:
             return Marks.from_json(d)
         except MarksError as e:
             raise SessionError(f"{p} is damaged: {e}") from None
+
+    def marked_history(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature latents [N, C, H, W] and marks [N] (1 good / 0 bad) of rounds 0..k-1, in
+        order: the replay set of the representation network. A round whose features or marks
+        are gone is left out."""
+        feats, labels = [], []
+        for j in range(k):
+            m = self.marks_for(j)
+            p = self.round_dir(j) / "generated.pt"
+            if m is None or not p.exists():
+                continue
+            f = torch_load(p).get("features")
+            if f is None:
+                continue
+            y = torch.zeros(len(f))
+            y[list(m.good)] = 1.0
+            feats.append(f.float())
+            labels.append(y)
+        if not feats:
+            return torch.zeros((0,)), torch.zeros((0,))
+        return torch.cat(feats), torch.cat(labels)
 
     # -- learned state
     def load_state(self) -> dict:

@@ -78,8 +78,10 @@ class HERO_Session(io.ComfyNode):
                                 tooltip="Name of the session (1-64 letters, digits, _ or -). "
                                         "A new name starts a new session; an existing one resumes."),
                 io.Combo.Input("method", options=list(HeroConfig.METHODS), default="hero",
-                               tooltip="hero (the paper), hero-no-guidance (no feedback-guided "
-                                       "noise), ddpo-binary or d3po (baselines)."),
+                               tooltip="hero (our recipe: the paper's two mechanisms plus the "
+                                       "improvements measured in docs/benchmarks.md), hero-paper "
+                                       "(the paper's settings), hero-no-guidance, ddpo-binary or "
+                                       "d3po (baselines)."),
                 io.Int.Input("batch_size", default=8, min=2, max=256,
                              tooltip="Images per round (HERO Generate may override per round)."),
                 io.Int.Input("steps", default=20, min=1, max=200,

@@ -5,14 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from hero_engine.bench import load_evaluator, markdown, marks_to_reach, success_at, summarise
+from hero_engine.bench import (area_under, bootstrap_interval, load_evaluator, markdown,
+                               marks_to_reach, parse_method, success_at, summarise, verdict)
 
 
-def run(method, seed, successes, batch=64):
-    curve = [{"labels": i * batch, "success": s, "good_rate": None} for i, s in enumerate(successes)]
+def run(method, seed, successes, batch=64, flip=0.0, session=None):
+    session = session or successes
+    curve = [{"labels": i * batch, "success": s, "good_rate": None, "session_success": q}
+             for i, (s, q) in enumerate(zip(successes, session))]
     return {"task": "t", "method": method, "seed": seed, "curve": curve, "marks": curve[-1]["labels"],
             "success_before": successes[0], "success_after": successes[-1],
-            "diversity_before": 0.2, "diversity_after": 0.1}
+            "diversity_before": 0.2, "diversity_after": 0.1, "flip_rate": flip}
 
 
 def test_milestones_and_targets():
@@ -28,13 +31,62 @@ def test_summary_medians_and_ratios():
     runs += [run("ddpo-binary", s, [0.2, 0.3, 0.4] + [0.5] * 3 + [0.8]) for s in range(2)]
     runs += [run("ddpo-binary", 2, [0.2, 0.3, 0.4, 0.5])]     # this seed never reaches 80%
     runs += [run("d3po", s, [0.2, 0.25, 0.3]) for s in range(3)]
-    sm = summarise(runs)["t"]
+    sm = summarise(runs)["exact"]["t"]
     assert sm["hero"]["marks_to_80"] == 128
     assert sm["ddpo-binary"]["marks_to_80"] == 384     # median of 384, 384, never
     assert sm["ddpo-binary"]["ratio_80"] == pytest.approx(3.0)
     assert sm["d3po"]["marks_to_80"] == float("inf") and sm["d3po"]["ratio_80"] == float("inf")
-    md = markdown(sm and summarise(runs), {"seeds": 3, "eval_n": 128, "batch_size": 64, "budget": 384})
+    md = markdown(summarise(runs), {"seeds": 3, "eval_n": 128, "batch_size": 64, "budget": 384})
     assert "| t | d3po |" in md and "never" in md and "| 3 |" in md
+    assert "**Simulated person: exact**" in md and "**Target check**" in md
+
+
+def test_area_under_the_curve_and_paired_differences():
+    c = run("hero", 0, [0.0, 0.5, 1.0])["curve"]
+    assert area_under(c, 128) == pytest.approx(0.5)
+    assert area_under(c, 64) == pytest.approx(0.25)
+    assert area_under(c, 256) is None           # the curve stops short
+    lo, hi = bootstrap_interval([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert 0.1 <= lo <= 0.3 <= hi <= 0.5
+    assert bootstrap_interval([0.3]) is None
+    # paired by seed: ddpo-binary is 0.1 below hero on every seed, whatever the seed's level
+    runs = [run("hero", s, [b, b + 0.3, b + 0.4]) for s, b in enumerate([0.1, 0.3, 0.5])]
+    runs += [run("ddpo-binary", s, [b, b + 0.2, b + 0.3]) for s, b in enumerate([0.1, 0.3, 0.5])]
+    runs += [run("hero", 0, [0.2, 0.2, 0.2], flip=0.1), run("ddpo-binary", 0, [0.2, 0.3, 0.3], flip=0.1)]
+    sm = summarise(runs)
+    assert set(sm) == {"exact", "flips 10%"}
+    row = sm["exact"]["t"]["ddpo-binary"]
+    assert row["auc_vs_hero"] == pytest.approx(-0.075)
+    assert row["auc_vs_hero_ci"] == pytest.approx((-0.075, -0.075))
+    assert row["auc_wins_vs_hero"] == (0, 3)
+    assert sm["flips 10%"]["t"]["ddpo-binary"]["auc_vs_hero"] > 0
+    assert sm["exact"]["t"]["hero"]["session_auc"] == sm["exact"]["t"]["hero"]["auc"]
+
+
+def test_verdict_checks_the_target():
+    runs = [run("hero", s, [0.2, 0.5, 0.8, 0.9]) for s in range(3)]
+    runs += [run("ddpo-binary", s, [0.2, 0.3, 0.5, 0.8]) for s in range(3)]
+    runs += [run("d3po", s, [0.2, 0.2, 0.2, 0.2]) for s in range(3)]
+    (line,) = verdict(summarise(runs))
+    assert "hero reaches 80% on 1/1 tasks (t)" in line
+    assert "AUC >= ddpo-binary on 1/1" in line
+    assert "ratios met on 0/1" in line     # ddpo-binary needs 192 / 128 = 1.5x hero's marks, not 2x
+    runs = [run("hero", s, [0.2, 0.8, 0.9, 0.9]) for s in range(3)]
+    runs += [run("ddpo-binary", s, [0.2, 0.5, 0.8, 0.9]) for s in range(3)]
+    (line,) = verdict(summarise(runs))
+    assert "ratios met on 1/1" in line     # 128 vs 64 marks: ddpo-binary needs 2x
+
+
+def test_method_variants():
+    assert parse_method("hero") == ("hero", {})
+    assert parse_method("hero+extra_ratio=0+reward=similarity+encoder_replay=false") == (
+        "hero", {"extra_ratio": 0, "reward": "similarity", "encoder_replay": False})
+    with pytest.raises(ValueError, match="not a HERO setting"):
+        parse_method("hero+nope=1")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("dpo")
+    with pytest.raises(ValueError, match="extra_ratio needs"):
+        parse_method("ddpo-binary+extra_ratio=1")
 
 
 def test_custom_evaluator_loader():
