@@ -47,6 +47,7 @@ class PolicyConfig:
     grad_accum: int = 4
     timesteps_per_sample: int = 5
     clip_range: float = 1e-4
+    epochs: int = 1           # passes over the round's chains (DDPO's num_inner_epochs; HERO: 1)
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     d3po_beta: float = 0.1
@@ -147,22 +148,25 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
 def ppo_update(denoiser: Denoiser, traj: Trajectory, advantages: Tensor, popt: PolicyOptimizer,
                generator: torch.Generator, callback: Optional[Callable[[int, int], None]] = None
                ) -> dict:
-    """One PPO epoch over the round's trajectories (hero_spec 7.5). Returns mean loss, ratio,
-    clip fraction, approx KL, and the step counts."""
+    """``epochs`` PPO epochs (HERO: one) over the round's trajectories (hero_spec 7.5). Returns
+    mean loss, ratio, clip fraction, approx KL, and the step counts."""
     cfg = popt.config
     n, T = traj.log_probs.shape
     if advantages.shape != (n,):
         raise ValueError(f"need one advantage per trajectory ({n}), got {tuple(advantages.shape)}")
     k = min(cfg.timesteps_per_sample, T)
-    order, steps = _train_plan(n, T, k, generator)
     bs = cfg.train_batch_size
-    mbs = [order[s:s + bs] for s in range(0, n, bs)]
+    mbs, steps = [], []
+    for _ in range(max(1, cfg.epochs)):   # every epoch: a new order and new timesteps
+        order, st = _train_plan(n, T, k, generator)
+        mbs += [order[s:s + bs] for s in range(0, n, bs)]
+        steps += [st] * len(range(0, n, bs))
     adv = advantages.float().clamp(-cfg.adv_clip, cfg.adv_clip)
     dev = traj.latents.device
 
     def backward(j: int) -> dict:
         mb, kk = mbs[j // k], j % k
-        step_idx = steps[mb, kk]
+        step_idx = steps[j // k][mb, kk]
         with _autocast(cfg, dev):
             logp = trajectory_log_prob(denoiser, traj, mb, step_idx)
         old = traj.log_probs[mb, step_idx].to(logp.device)

@@ -105,7 +105,8 @@ def _bench(tmp_path, *args):
     out = tmp_path / "bench"
     r = subprocess.run([sys.executable, "-m", "hero_engine", "bench", "--seeds", "0",
                         "--budget", "8", "--batch-size", "4", "--eval-n", "8", "--steps", "3",
-                        "--encoder-epochs", "5", "--out", str(out), *args],
+                        "--encoder-epochs", "5", "--out", str(out),
+                        *(() if "--flip-rates" in args else ("--flip-rates", "0")), *args],
                        cwd=root, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text()), r.stdout
@@ -153,13 +154,15 @@ def test_bench_end_to_end_two_workers(tmp_path):
 def test_bench_custom_evaluator(tmp_path):
     """A new task needs only an importable scoring function, a threshold and a prompt."""
     out, data, _ = _bench(tmp_path, "--methods", "ddpo-binary", "--workers", "1",
-                          "--keep-sessions",
+                          "--keep-sessions", "--flip-rates", "0.25",
                           "--evaluator", "hero_engine.toy.tasks:score_colour",
                           "--threshold", "0.5", "--prompt", "a square")
     (run,) = data["runs"]
     assert run["task"] == "custom" and run["prompt"] == "a square"
     assert (Path(run["session"]) / "session.json").exists()      # --keep-sessions
-    assert "| custom | ddpo-binary |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| custom | ddpo-binary |" in md and "Simulated person: flips 25%" in md
+    assert run["flip_rate"] == 0.25 and run["curve"][0]["session_success"] is not None
 
 
 def test_bench_rejects_bad_arguments(tmp_path):

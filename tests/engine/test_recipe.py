@@ -141,7 +141,9 @@ def test_hero_trains_on_every_marked_round_and_scores_extra_samples(tmp_path):
         assert m["encoder_marks"] == n * (k + 1)
         assert m["extra_samples"] == n
         bs, T = cfg.policy.train_batch_size, cfg.policy.timesteps_per_sample
-        assert m["policy_backward_passes"] == (2 * n // bs) * T
+        fresh = sum(1 for i in s.round_meta(k)["centre_ids"] if i == -1)   # round 1: all guided
+        assert fresh == (n if k == 0 else 0)
+        assert m["policy_backward_passes"] == ((fresh + n) // bs) * T
         assert m["bad_above_mean"] == 0.0
     f, y = s.marked_history(2)
     assert f.shape[0] == 2 * n and y.sum() == sum(len(s.marks_for(j).good) for j in range(2))
