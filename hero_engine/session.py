@@ -67,18 +67,22 @@ def valid_session_id(session_id: str) -> str:
 #                   representation scores for the policy update (0: only the marked batch)
 #   update          "ppo" (DDPO's clipped objective) or "d3po"
 METHOD_TRAITS: dict[str, dict] = {
-    "hero": dict(guidance=True, guided_policy=False, reward="marks+similarity", reward_features="head",
-                 encoder_replay=True, extra_ratio=1.0, update="ppo"),
-    "hero-paper": dict(guidance=True, guided_policy=True, reward="similarity", reward_features="trunk",
-                       encoder_replay=False, extra_ratio=0.0, update="ppo"),
-    "hero-no-guidance": dict(guidance=False, guided_policy=True, reward="similarity", reward_features="trunk",
-                             encoder_replay=False, extra_ratio=0.0, update="ppo"),
-    "ddpo-binary": dict(guidance=False, guided_policy=True, reward="marks", reward_features="trunk",
-                        encoder_replay=False, extra_ratio=0.0, update="ppo"),
+    "hero": dict(guidance=True, guided_policy=True, reward="marks+similarity",
+                 reward_features="head", encoder_replay=True, extra_ratio=0.0, update="ppo"),
+    "hero-paper": dict(guidance=True, guided_policy=True, reward="similarity",
+                       reward_features="trunk", encoder_replay=False, extra_ratio=0.0,
+                       update="ppo"),
+    "hero-no-guidance": dict(guidance=False, guided_policy=True, reward="similarity",
+                             reward_features="trunk", encoder_replay=False, extra_ratio=0.0,
+                             update="ppo"),
+    "ddpo-binary": dict(guidance=False, guided_policy=True, reward="marks",
+                        reward_features="trunk", encoder_replay=False, extra_ratio=0.0,
+                        update="ppo"),
     "d3po": dict(guidance=False, guided_policy=True, reward="marks", reward_features="trunk",
                  encoder_replay=False, extra_ratio=0.0, update="d3po"),
 }
-TRAITS = ("guidance", "guided_policy", "reward", "reward_features", "encoder_replay", "extra_ratio", "update")
+TRAITS = ("guidance", "guided_policy", "reward", "reward_features", "encoder_replay",
+          "extra_ratio", "update")
 
 
 @dataclass

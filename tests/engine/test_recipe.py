@@ -35,7 +35,8 @@ def test_methods_are_trait_sets_and_variants_override_them():
     assert not HeroConfig(method="d3po").uses_encoder
     v = HeroConfig(method="hero", extra_ratio=0.0, reward="similarity").validate()
     assert v.extra_ratio == 0.0 and v.reward == "similarity" and v.guidance is True
-    assert HeroConfig(method="hero").extra_samples(64) == 64
+    assert HeroConfig(method="hero", extra_ratio=0.5).extra_samples(64) == 32
+    assert HeroConfig(method="hero").extra_samples(64) == 0     # measured, not kept
     with pytest.raises(ValueError, match="extra_ratio needs a learned representation"):
         HeroConfig(method="ddpo-binary", extra_ratio=1.0).validate()
     with pytest.raises(ValueError, match="mark_credit"):
@@ -131,7 +132,7 @@ def test_hero_trains_on_every_marked_round_and_scores_extra_samples(tmp_path):
     torch.set_num_threads(1)
     be = tiny_backend()
     ev = evaluator()
-    cfg = tiny_config(method="hero")
+    cfg = tiny_config(method="hero", extra_ratio=1.0, guided_policy=False)
     s = Session.create(tmp_path / "h", cfg)
     n = cfg.batch_size
     seen = []
@@ -164,7 +165,7 @@ def test_extra_samples_are_reproducible_after_a_restart(tmp_path):
     outs = []
     for name in ("a", "b"):
         be = tiny_backend()
-        s = Session.create(tmp_path / name, tiny_config(method="hero"))
+        s = Session.create(tmp_path / name, tiny_config(method="hero", extra_ratio=1.0))
         loop.run_round(s, be, query_fn(be, evaluator(), s))
         outs.append(be.lora_state())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -185,7 +186,7 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     torch.set_num_threads(1)
     be = tiny_backend()
     ev = evaluator()
-    cfg = tiny_config(method="hero", fresh_ratio=0.5)
+    cfg = tiny_config(method="hero", fresh_ratio=0.5, extra_ratio=1.0, guided_policy=False)
     s = Session.create(tmp_path / "g", cfg)
     n = cfg.batch_size
     loop.run_round(s, be, query_fn(be, ev, s))
@@ -193,7 +194,7 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     fresh = sum(1 for i in s.round_meta(1)["centre_ids"] if i == -1)
     assert fresh == n // 2
     assert m["policy_chains"] == fresh + n and m["encoder_marks"] == 2 * n
-    p = Session.create(tmp_path / "p", tiny_config(method="hero", extra_ratio=0.0))
+    p = Session.create(tmp_path / "p", tiny_config(method="hero", guided_policy=False))
     loop.run_round(p, be, query_fn(be, ev, p))
     m = loop.run_round(p, be, query_fn(be, ev, p))            # all guided, nothing extra
     assert "policy_chains" not in m
