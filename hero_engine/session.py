@@ -311,7 +311,8 @@ class Session:
         views pass False."""
         path = Path(path)
         if not (path / "session.json").is_file():
-            if path.is_dir() and ((path / INIT_META).is_file() or any(path.glob("state-*"))):
+            if path.is_dir() and ((path / INIT_META).is_file() or any(path.glob("state-*"))
+                                  or (path / "rounds").is_dir()):
                 raise SessionDamaged(f"missing file {path / 'session.json'}; "
                                      f"{_offer(path)}", path / "session.json")
             raise SessionError(f"missing file {path / 'session.json'}")
