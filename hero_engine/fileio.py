@@ -25,6 +25,7 @@ __all__ = ["fsync_dir", "atomic_write_bytes", "atomic_write_json", "atomic_torch
 TEMP_SUFFIX = ".tmp"
 _CAN_LOCK = os.name == "posix"   # Windows: no flock; an open file cannot be deleted there anyway
 _UNLOCKED_STALE_S = 3600
+_write = os.write  # tests replace it to simulate a full disk
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -49,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[_write(fd, view):]
             os.fsync(fd)
             os.replace(tmp, path)  # still open and locked: no cleaner can take it before this
         finally:

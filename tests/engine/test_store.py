@@ -351,3 +351,98 @@ def test_repair_of_a_sound_session_changes_nothing(tmp_path):
     rep = repair(s.path)
     assert rep["problems"] == [] and rep["actions"] == [] and not rep["changed"]
     assert (s.path / "session.json").read_text() == before
+
+
+# ---- kills and a full disk ------------------------------------------------------------------------
+
+def _kill_at(tmp_path, sdir, mode, want):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    flag = sdir.parent / "FLAG"
+    flag.unlink(missing_ok=True)
+    p = subprocess.Popen([sys.executable, str(HERE / "_kill_worker.py"), str(sdir), mode], env=env)
+    t0 = time.time()
+    while not (flag.exists() and flag.read_text() == want):
+        assert p.poll() is None, f"worker ended before {want}"
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+
+
+def test_kill_right_after_marks_are_saved(tmp_path):
+    s, _, _ = _committed(tmp_path, rounds=1)
+    _kill_at(tmp_path, s.path, "after-marks", "SAVED")
+    r = Session.open(s.path)
+    assert r.round == 1 and r.marks_for(1) is not None and r.pending() is not None
+
+
+def test_kill_during_commit_then_resume(tmp_path):
+    s, be, query = _committed(tmp_path, rounds=1)
+    _kill_at(tmp_path, s.path, "in-commit", "COMMITTING")
+    tmp_states = list(s.path.glob(".state-0002.*.tmp"))
+    assert len(tmp_states) == 1 and len(list(tmp_states[0].glob("*.pt"))) == 2
+    r = Session.open(s.path)  # the kill released the commit lock; leftovers go
+    assert r.round == 1 and r.marks_for(1) is not None
+    assert not list(s.path.glob(".state-*")) and not list(s.path.rglob("*.tmp"))
+    be2 = tiny_backend()
+    be2.load_session(r)
+    plan = loop.prepare_learning(r)
+    popt = be2.policy_optimizer(r)
+    loop.apply_policy_update(r, plan, be2.denoiser(), popt)
+    loop.complete_round(r, plan, be2.lora_state(), popt)
+    assert Session.open(s.path).round == 2
+
+
+def test_kill_during_export_releases_the_lock(tmp_path):
+    s, _, _ = _committed(tmp_path, rounds=1)
+    before = Session.open(s.path).info.get("last_export")
+    _kill_at(tmp_path, s.path, "in-export", "EXPORTING")
+    lock = FolderLock(s.path)
+    assert lock.acquire(blocking=False), "a killed holder must not leave the session locked"
+    lock.release()
+    r = Session.open(s.path)
+    assert r.info.get("last_export") == before  # the killed export was never recorded
+    rec = r.record_export("after.bin")
+    assert Session.open(s.path).info["last_export"] == rec
+
+
+def test_disk_full_during_generation_and_training(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a round's writes: the call fails with the OS error, nothing half
+    written is published, and the round goes through once space is back."""
+    import errno
+    from hero_engine import fileio
+    s, be, query = _committed(tmp_path, rounds=1)
+    real = fileio._write
+    budget = {"left": 0}
+
+    def full(fd, data):
+        if budget["left"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        budget["left"] -= len(data)
+        return real(fd, data)
+    monkeypatch.setattr(fileio, "_write", full)
+    # generation: the 3rd image cannot be written
+    budget["left"] = 5000
+    with pytest.raises(OSError, match="No space left"):
+        loop.generate_round(s, be.denoiser(), be.decode, be.schedule(s.config.steps),
+                            be.latent_shape, be.prompts)
+    r = Session.open(s.path)
+    assert r.round == 1 and r.pending() is None  # no meta.json: the round is not half-generated
+    assert not list(s.path.rglob("*.tmp"))
+    budget["left"] = 10 ** 12
+    batch = loop.generate_round(s, be.denoiser(), be.decode, be.schedule(s.config.steps),
+                                be.latent_shape, be.prompts)
+    s.record_marks(1, query(batch)[0])
+    # training: the disk fills while the state is committed
+    plan = loop.prepare_learning(s)
+    popt = be.policy_optimizer(s)
+    loop.apply_policy_update(s, plan, be.denoiser(), popt)
+    budget["left"] = 200_000
+    with pytest.raises(OSError, match="No space left"):
+        loop.complete_round(s, plan, be.lora_state(), popt)
+    r = Session.open(s.path)
+    assert r.round == 1 and r.state_dir.name == "state-0001" and r.marks_for(1) is not None
+    assert not list(s.path.glob(".state-*")) and not list(s.path.rglob("*.tmp"))
+    budget["left"] = 10 ** 12
+    loop.complete_round(s, plan, be.lora_state(), popt)
+    assert Session.open(s.path).round == 2
