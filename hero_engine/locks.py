@@ -47,7 +47,7 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _shared(path: Path) -> _Shared:
-    key = os.path.normcase(os.path.abspath(path))
+    key = os.path.normcase(os.path.realpath(path))  # one entry per file, however it is named
     with _REGISTRY_LOCK:
         s = _REGISTRY.get(key)
         if s is None:
@@ -143,6 +143,9 @@ class FolderLock:
     def held(self) -> bool:
         """Whether the calling thread holds this lock."""
         return self._s.depth > 0 and self._s.owner == threading.get_ident()
+
+    def __reduce__(self):  # copies and pickles of a Session share the per-process lock state
+        return (FolderLock, (self.path.parent, self.path.name))
 
     def __enter__(self) -> "FolderLock":
         self.acquire()
