@@ -32,6 +32,7 @@ def write_lora(st, s, tag):
     return {"file": f.name}
 
 
+(path.parent / "READY").write_text("")
 counts = {"exports": 0, "summaries": 0, "opens_with_cleanup": 0, "no_lora_yet": 0}
 errors = []
 exports = []

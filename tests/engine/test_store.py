@@ -120,6 +120,10 @@ def test_concurrent_exports_and_summaries_during_20_commits(tmp_path):
     threads = [threading.Thread(target=exporter), threading.Thread(target=exporter),
                threading.Thread(target=summaries)]
     [t.start() for t in threads]
+    t0 = time.time()
+    while not (tmp_path / "READY").exists():  # the second process is at work before round 0
+        assert proc.poll() is None and time.time() - t0 < 300, "the worker did not start"
+        time.sleep(0.05)
     try:
         for r in range(rounds):
             loop.run_round(s, be, query)
