@@ -1,4 +1,5 @@
-"""``python -m hero_engine demo|bench``: the HERO loop on the embedded toy model."""
+"""``python -m hero_engine demo|bench|repair``: the HERO loop on the embedded toy model, and the
+repair of a damaged session folder."""
 from __future__ import annotations
 
 import argparse
@@ -75,16 +76,50 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
+def repair(argv: list[str]) -> int:
+    from .repair import repair as do_repair
+    from .session import Session, SessionError
+    ap = argparse.ArgumentParser(
+        prog="python -m hero_engine repair",
+        description="Check a HERO session folder and restore it to its last complete state "
+                    "(docs/session_store.md). Marks are never deleted: rounds that cannot be "
+                    "trained again are moved to rounds-archive/.")
+    ap.add_argument("session_dir", help="the session folder, e.g. ComfyUI/output/hero/<id>")
+    ap.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    a = ap.parse_args(argv)
+    try:
+        rep = do_repair(Path(a.session_dir), apply=not a.dry_run)
+    except SessionError as e:
+        print(f"repair failed: {e}", file=sys.stderr)
+        return 1
+    for p in rep["problems"]:
+        print(f"problem: {p}")
+    for x in rep["actions"]:
+        print(("would " if a.dry_run else "done: ") + x)
+    if not rep["problems"] and not rep["actions"]:
+        print("nothing to repair: the session is sound")
+    if not a.dry_run:
+        try:
+            s = Session.open(Path(a.session_dir))
+        except SessionError as e:
+            print(f"the session still does not open: {e}", file=sys.stderr)
+            return 1
+        print(f"session {s.session_id}: round {s.round} in progress, {s.labels_used} labels used")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m hero_engine demo|bench [options]   (--help after a command)")
+        print("usage: python -m hero_engine demo|bench|repair [options]   (--help after a command)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
         return demo(rest)
+    if cmd == "repair":
+        return repair(rest)
     if cmd == "bench":
         from .bench import main as bench_main
         return bench_main(rest)
-    print(f"unknown command {cmd!r}; use demo or bench", file=sys.stderr)
+    print(f"unknown command {cmd!r}; use demo, bench or repair", file=sys.stderr)
     return 2

@@ -2,6 +2,10 @@
 
 write = temp file in the same folder + fsync + ``os.replace`` + fsync of the folder, so a reader
 (or a crash) sees either the old file or the new one, never half of one.
+
+A temp file (``.<name>.<random>.tmp``) is locked (``locks.try_lock_file``) by its writer while it is
+written, so :func:`remove_stale_temps` can tell a leftover of a killed writer (nobody holds its lock)
+from one being written right now, in this process or another.
 """
 from __future__ import annotations
 
@@ -9,10 +13,19 @@ import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save"]
+from .locks import try_lock_file, unlock_file
+
+__all__ = ["fsync_dir", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save",
+           "remove_stale_temps", "TEMP_SUFFIX"]
+
+TEMP_SUFFIX = ".tmp"
+_CAN_LOCK = os.name == "posix"   # Windows: no flock; an open file cannot be deleted there anyway
+_UNLOCKED_STALE_S = 3600
+_write = os.write  # tests replace it to simulate a full disk
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -32,18 +45,78 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """On failure the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _locked_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_write(fd, view):]
+            os.fsync(fd)
+            os.replace(tmp, path)  # still open and locked: no cleaner can take it before this
+        finally:
+            os.close(fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _locked_temp(path: Path) -> tuple[int, str]:
+    """A new temp file next to ``path``, locked by us. A cleaner that unlinked it in the instant
+    between its creation and our lock (it looked abandoned) makes us start over with a new one."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        if not _CAN_LOCK:
+            return fd, tmp
+        try:
+            try_lock_file(fd, blocking=True)
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(f"could not create a temp file next to {path}")
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temp files of atomic writes that were killed (``.*.tmp`` that no live writer
+    holds locked) under ``folder``; returns what was deleted. Temp files being written now, by
+    any thread or process, are left alone."""
+    folder = Path(folder)
+    now = time.time()
+    found = folder.rglob(f".*{TEMP_SUFFIX}") if recursive else folder.glob(f".*{TEMP_SUFFIX}")
+    removed = []
+    for p in found:
+        try:
+            if not p.is_file() or p.is_symlink():
+                continue
+            if not _CAN_LOCK:  # no advisory locks: only what is clearly abandoned
+                if now - p.stat().st_mtime > _UNLOCKED_STALE_S:
+                    p.unlink()
+                    removed.append(p)
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not try_lock_file(fd, blocking=False):
+                continue  # a writer is at work
+            if os.path.samestat(os.fstat(fd), os.stat(p)):
+                os.unlink(p)  # unlinked while we hold its lock: a writer that locks it after us
+                removed.append(p)  # sees the name gone and starts over (_locked_temp)
+        except OSError:
+            pass
+        finally:
+            try:
+                unlock_file(fd)
+            except OSError:
+                pass
+            os.close(fd)
+    return removed
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -2,7 +2,11 @@
 
 Layout (every file written atomically: temp file + fsync + rename)::
 
-    <dir>/session.json            format, id, config, next round, labels used, best record, state dir
+    <dir>/session.json            format, id, config, next round, labels used, best record,
+                                  state dir (+ the previous one), info (layout, last export)
+    <dir>/session.init.json       session.json as created (repair rebuilds from it if needed)
+    <dir>/.lock                   the session lock (flock): one writer of session.json at a time
+    <dir>/.commit.lock            held while a round's state folder is being written
     <dir>/rounds/0003/            one folder per round
         generated.pt              x_T noises, trajectory (latents, log-probs, schedule), features
         meta.json                 prompts, size, seeds, centre ids, time
@@ -10,18 +14,27 @@ Layout (every file written atomically: temp file + fsync + rename)::
         marks.json                the marks, written before the marks API answers "saved"
         metrics.json              written when the round is trained
     <dir>/state-0004/             the learned state after round 3: lora.pt, policy_opt.pt,
-                                  encoder.pt, best.pt, pool.pt
+                                  encoder.pt, best.pt, pool.pt, and state.json (file sizes + the
+                                  session.json this commit wrote)
+    <dir>/state-0003/             the state before round 3, kept for repair (one round back)
 
 A round is *completed* when ``session.json`` points at the state folder written after it: the
 pointer flips in one atomic rename, so a kill at any moment leaves the previous complete state, and
 a re-opened session continues at the first round not completed, with every saved mark.
+
+Concurrency (docs/session_store.md): every change of ``session.json`` is a read-modify-write under
+the session lock (threads and processes), so no writer publishes a stale view; readers of the state
+take the same lock, and a state folder is deleted only under it, after the pointer that replaced it
+is durable.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +45,40 @@ import torch
 from PIL import Image
 
 from .feedback import Marks, MarksError
-from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, fsync_dir
+from .fileio import (TEMP_SUFFIX, atomic_torch_save, atomic_write_bytes, atomic_write_json,
+                     fsync_dir, remove_stale_temps)
+from .locks import FolderLock
 from .policy import PolicyConfig
 from .representation import RepresentationConfig
 
-__all__ = ["HeroConfig", "Session", "SessionError", "FORMAT_VERSION", "valid_session_id"]
+__all__ = ["HeroConfig", "Session", "SessionError", "SessionDamaged", "FORMAT_VERSION",
+           "valid_session_id", "STATE_FILES"]
 
 FORMAT_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STATE_RE = re.compile(r"^state-(\d{4,})$")
+STATE_FILES = ("lora", "policy_opt", "encoder", "best", "pool")
+LOCK_NAME = ".lock"
+COMMIT_LOCK_NAME = ".commit.lock"
+MANIFEST = "state.json"
+INIT_META = "session.init.json"
 
 
 class SessionError(RuntimeError):
     """A session folder that cannot be used as it is; the message names the file and the fix."""
+
+
+class SessionDamaged(SessionError):
+    """A session whose files were damaged (deleted or truncated by hand, a disk fault): the message
+    names the file and what ``python -m hero_engine repair`` would restore."""
+
+    def __init__(self, message: str, path: Optional[Path] = None):
+        super().__init__(message)
+        self.path = path
+
+
+def repair_command(path: Path) -> str:
+    return f"python -m hero_engine repair {path}"
 
 
 def valid_session_id(session_id: str) -> str:
@@ -201,9 +236,8 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise SessionError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SessionError(f"{path} is damaged ({e}); restore it from a backup or start a new "
-                           f"session (the rounds folder keeps every image and mark)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SessionDamaged(f"{path} is damaged ({e})", Path(path)) from None
 
 
 def torch_load(path: Path) -> Any:
@@ -212,8 +246,99 @@ def torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise SessionError(f"missing file {path}") from None
     except Exception as e:  # truncated / corrupt pickle
-        raise SessionError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); the "
-                           f"session cannot continue from it") from None
+        raise SessionDamaged(f"{path} is damaged or truncated ({type(e).__name__}: {e}); the "
+                             f"session cannot continue from it", Path(path)) from None
+
+
+def load_meta(path: Path) -> dict:
+    """``<path>/session.json``, checked (format version)."""
+    f = Path(path) / "session.json"
+    meta = read_json(f)
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise SessionDamaged(f"{f} is not a HERO session file", f)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise SessionError(
+            f"{f} has format version {meta['format_version']}, this ComfyUI-HERO reads version "
+            f"{FORMAT_VERSION}; use a matching pack version or start a new session id")
+    for key in ("session_id", "config", "next_round", "labels_used", "state_dir", "history"):
+        if key not in meta:
+            raise SessionDamaged(f"{f} is damaged (no '{key}')", f)
+    return meta
+
+
+def _state_folder_problem(d: Path, named_in: Optional[Path] = None) -> Optional[tuple[str, Path]]:
+    """Why state folder ``d`` is not complete, naming the file; None if it is (sizes against its
+    manifest; a folder from before manifests only has to exist)."""
+    where = f" named in {named_in}" if named_in is not None else ""
+    if not d.is_dir():
+        return f"state folder {d}{where} is missing", d
+    man = d / MANIFEST
+    if not man.exists():
+        return None
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return f"{man} is damaged", man
+    for name, size in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{f} is missing (state folder {d.name}{where})", f
+        if f.stat().st_size != size:
+            return (f"{f} is truncated or damaged ({f.stat().st_size} bytes, {size} were "
+                    f"written)", f)
+    return None
+
+
+def complete_states(path: Path, verify: bool = False) -> list[dict]:
+    """The state folders of a session that are complete and carry their session.json snapshot,
+    newest first: [{"dir", "round", "meta"}]. ``verify`` also loads every file (slow)."""
+    out = []
+    for d in sorted(Path(path).glob("state-*"), reverse=True):
+        if not STATE_RE.match(d.name) or not (d / MANIFEST).is_file():
+            continue
+        if _state_folder_problem(d) is not None:
+            continue
+        try:
+            man = json.loads((d / MANIFEST).read_text())
+            meta = man["meta"]
+            if meta.get("state_dir") != d.name or meta.get("format_version") != FORMAT_VERSION:
+                continue
+            if verify:
+                for name in man["files"]:
+                    torch_load(d / name)
+        except (OSError, ValueError, KeyError, TypeError, SessionError):
+            continue
+        out.append({"dir": d.name, "round": int(man["round"]), "meta": meta})
+    return out
+
+
+def _offer(path: Path) -> str:
+    """What repair would restore, for error messages."""
+    path = Path(path)
+    try:
+        meta = load_meta(path)
+    except SessionError:
+        meta = None
+    cur = None if meta is None else meta.get("state_dir")
+    states = [c for c in complete_states(path) if c["dir"] != cur or meta is None]
+    if meta is None and states:
+        c = states[0]
+        what = (f"repair rebuilds session.json from {c['dir']}/{MANIFEST} (the state after "
+                f"round {c['round']})")
+    elif meta is None and (path / INIT_META).is_file():
+        what = f"repair rebuilds session.json from {INIT_META} (learning restarts at round 0)"
+    elif meta is None:
+        return (f"no copy to rebuild session.json from is left; start a new session (the rounds "
+                f"folder keeps every image and mark)")
+    elif states:
+        c = states[0]
+        what = (f"the last complete state is {c['dir']} (after round {c['round']}): repair "
+                f"returns to it and round {c['round'] + 1} is trained again from its saved marks")
+    else:
+        what = ("no complete learned state is left: repair restarts learning at round 0 and "
+                "keeps every round's images and marks (rounds that cannot be trained again go to "
+                "rounds-archive/)")
+    return f"{what}. Run: {repair_command(path)}  (or set HERO Session's 'repair' option)"
 
 
 # ---- the session -----------------------------------------------------------------------------
@@ -232,6 +357,7 @@ class Session:
         self.path = Path(path)
         self._meta = meta
         self.config = HeroConfig.from_json(meta["config"])
+        self._lock = FolderLock(self.path, LOCK_NAME)
 
     # -- lifecycle
     @classmethod
@@ -239,30 +365,43 @@ class Session:
                info: Optional[dict] = None) -> "Session":
         path = Path(path)
         sid = valid_session_id(session_id or path.name)
-        if (path / "session.json").exists():
-            raise SessionError(f"a session already exists at {path}; open it instead")
         config.validate()
-        meta = {"format_version": FORMAT_VERSION, "session_id": sid, "created": time.time(),
-                "config": config.to_json(), "next_round": 0, "labels_used": 0, "best": None,
-                "state_dir": None, "info": info or {}, "history": []}
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path / "session.json", meta)
+        with FolderLock(path, LOCK_NAME):
+            if (path / "session.json").exists():
+                raise SessionError(f"a session already exists at {path}; open it instead")
+            meta = {"format_version": FORMAT_VERSION, "session_id": sid, "created": time.time(),
+                    "config": config.to_json(), "next_round": 0, "labels_used": 0, "best": None,
+                    "state_dir": None, "prev_state_dir": None, "info": info or {},
+                    "history": []}
+            atomic_write_json(path / INIT_META, meta)
+            atomic_write_json(path / "session.json", meta)
         return cls(path, meta)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Session":
+    def open(cls, path: str | Path, cleanup: bool = True) -> "Session":
+        """Open an existing session. A damaged one raises :class:`SessionDamaged` naming the file
+        and the state ``python -m hero_engine repair`` would go back to. ``cleanup``: delete what
+        killed writers left (temp files, state folders no pointer names); the panel's read-only
+        views pass False."""
         path = Path(path)
-        meta = read_json(path / "session.json")
-        if not isinstance(meta, dict) or "format_version" not in meta:
-            raise SessionError(f"{path / 'session.json'} is not a HERO session file")
-        if meta["format_version"] != FORMAT_VERSION:
-            raise SessionError(
-                f"{path / 'session.json'} has format version {meta['format_version']}, this "
-                f"ComfyUI-HERO reads version {FORMAT_VERSION}; use a matching pack version or "
-                f"start a new session id")
-        s = cls(path, meta)
-        if s.state_dir is not None and not s.state_dir.is_dir():
-            raise SessionError(f"state folder {s.state_dir} named in session.json is missing")
+        if not (path / "session.json").is_file():
+            if path.is_dir() and ((path / INIT_META).is_file() or any(path.glob("state-*"))
+                                  or (path / "rounds").is_dir()):
+                raise SessionDamaged(f"missing file {path / 'session.json'}; "
+                                     f"{_offer(path)}", path / "session.json")
+            raise SessionError(f"missing file {path / 'session.json'}")
+        with FolderLock(path, LOCK_NAME):
+            try:
+                meta = load_meta(path)
+            except SessionDamaged as e:
+                raise SessionDamaged(f"{e}; {_offer(path)}", e.path) from None
+            s = cls(path, meta)
+            problem = s.state_problem()
+            if problem is not None:
+                raise SessionDamaged(f"{problem[0]}; {_offer(path)}", problem[1])
+            if cleanup:
+                s.clean_leftovers()
         return s
 
     @classmethod
@@ -272,8 +411,27 @@ class Session:
             return cls.open(path)
         return cls.create(path, config, **kw)
 
-    def _save_meta(self) -> None:
-        atomic_write_json(self.path / "session.json", self._meta)
+    # -- the lock and read-modify-write of session.json
+    def locked(self) -> FolderLock:
+        """``with session.locked():`` -- the session lock (re-entrant; threads and processes).
+        Hold it to read the state consistently or to change several things at once."""
+        return self._lock
+
+    def refresh(self) -> "Session":
+        """Re-read ``session.json`` (another thread or process may have committed a round)."""
+        with self._lock:
+            self._meta = load_meta(self.path)
+        return self
+
+    def _update_meta(self, change) -> dict:
+        """Under the lock: read session.json as it is on disk, apply ``change(meta)``, write it
+        back. Nothing this object read earlier is published, only the change."""
+        with self._lock:
+            meta = load_meta(self.path)
+            change(meta)
+            atomic_write_json(self.path / "session.json", meta)
+            self._meta = meta
+            return meta
 
     # -- properties
     @property
@@ -326,9 +484,35 @@ class Session:
         b = self.best
         return None if b is None else self.image_path(b.round, b.index)
 
+    @property
+    def prev_state_dir(self) -> Optional[Path]:
+        d = self._meta.get("prev_state_dir")
+        return None if d is None else self.path / d
+
     def update_info(self, **kw) -> None:
-        self._meta.setdefault("info", {}).update(kw)
-        self._save_meta()
+        """Set keys of ``info`` (read-modify-write of session.json under the session lock)."""
+        self._update_meta(lambda m: m.setdefault("info", {}).update(kw))
+
+    def record_export(self, file: str, **extra) -> dict:
+        """Record an exported file as ``info.last_export`` {file, round, time, ...}."""
+        rec = {"file": file, "round": self.round, "time": time.time(), **extra}
+        with self._lock:
+            self.refresh()
+            rec["round"] = self.round
+            self.update_info(last_export=rec)
+        return rec
+
+    def export_state(self, write, names: tuple = ("lora",)) -> dict:
+        """Export under the session lock: ``write(state, session) -> {"file": ..., ...}`` gets the
+        named files of the current state (loaded only those: the encoder is 128 MB) and this
+        session, refreshed; the result is recorded as ``info.last_export``. A round commit waits
+        until the export is written, so the file always matches the recorded round."""
+        with self._lock:
+            self.refresh()
+            st = self.load_state(names)
+            res = write(st, self)
+            rec = self.record_export(str(res["file"]))
+            return {**res, "round": rec["round"], "last_export": rec}
 
     # -- generation
     def save_generated(self, k: int, noises: torch.Tensor, traj, features: torch.Tensor,
@@ -418,47 +602,130 @@ class Session:
         return torch.cat(feats), torch.cat(labels)
 
     # -- learned state
-    def load_state(self) -> dict:
-        """The learned state after the last completed round ({} before the first)."""
+    def load_state(self, names: Optional[tuple] = None) -> dict:
+        """The learned state after the last completed round ({} before the first); ``names``:
+        only these files (e.g. ``("lora",)``). Read under the session lock from the state
+        folder session.json names now, so a concurrent commit cannot delete it mid-read."""
+        with self._lock:
+            self._meta = load_meta(self.path)
+            d = self.state_dir
+            if d is None:
+                return {}
+            if not d.is_dir():
+                raise SessionDamaged(f"state folder {d} named in {self.path / 'session.json'} is "
+                                     f"missing; {_offer(self.path)}", d)
+            out = {}
+            for name in (STATE_FILES if names is None else names):
+                p = d / f"{name}.pt"
+                if p.exists():
+                    out[name] = torch_load(p)
+            return out
+
+    def state_problem(self) -> Optional[tuple[str, Path]]:
+        """(what is wrong, the file) if the state folder session.json names is missing or does
+        not hold what its manifest lists; None if it is sound (cheap: sizes only)."""
         d = self.state_dir
         if d is None:
-            return {}
-        out = {}
-        for name in ("lora", "policy_opt", "encoder", "best", "pool"):
-            p = d / f"{name}.pt"
-            if p.exists():
-                out[name] = torch_load(p)
-        return out
+            return None
+        return _state_folder_problem(d, self.path / "session.json")
+
+    def clean_leftovers(self, commit_lock_held: bool = False) -> list[str]:
+        """Delete what killed writers left: temp files of atomic writes nobody is writing, and
+        state folders no pointer names (a commit killed before its pointer flip, a folder whose
+        deletion was cut short) -- only while no commit is in progress in any process."""
+        removed: list[str] = []
+        with self._lock:
+            self._meta = load_meta(self.path)
+            keep = {self._meta.get("state_dir"), self._meta.get("prev_state_dir")} - {None}
+            commit = FolderLock(self.path, COMMIT_LOCK_NAME)
+            if commit_lock_held or commit.acquire(blocking=False, reentrant=False):
+                try:
+                    for p in sorted(self.path.iterdir()):
+                        orphan = ((STATE_RE.match(p.name) and p.name not in keep)
+                                  or (p.name.startswith(".state-") and p.name.endswith(TEMP_SUFFIX)))
+                        if orphan and p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p, ignore_errors=True)
+                            removed.append(p.name)
+                finally:
+                    if not commit_lock_held:
+                        commit.release()
+        removed += [str(p.relative_to(self.path)) for p in remove_stale_temps(self.path)]
+        if removed:
+            import logging
+            logging.getLogger("HERO").info("HERO: session %s: removed leftovers of an interrupted "
+                                           "write: %s", self.session_id, ", ".join(removed))
+        return removed
 
     def complete_round(self, k: int, state: dict, metrics: dict, best: Optional[BestRecord],
                        labels: int) -> None:
-        """Write the state after round k into a new folder, then flip the pointer atomically."""
-        if k != self.round:
-            raise SessionError(f"cannot complete round {k}: round {self.round} is in progress")
-        new = self.path / f"state-{k + 1:04d}"
-        if new.exists():
-            shutil.rmtree(new)
-        new.mkdir(parents=True)
-        for name, obj in state.items():
-            atomic_torch_save(new / f"{name}.pt", obj)
-        fsync_dir(new)
-        atomic_write_json(self.round_dir(k) / "metrics.json", metrics)
-        old = self.state_dir
-        meta = dict(self._meta)
-        meta.update(next_round=k + 1, labels_used=self.labels_used + labels,
-                    best=None if best is None else dataclasses.asdict(best),
-                    state_dir=new.name, history=self._meta["history"] + [metrics])
-        self._meta = meta
-        self._save_meta()
-        if old is not None and old != new and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        if not self.config.keep_trajectories:
-            g = self.round_dir(k) / "generated.pt"
+        """Write the state after round k into a new folder, then flip the pointer atomically.
+
+        Order (docs/session_store.md): under the commit lock, write the files into a temp folder
+        ``.state-NNNN.*.tmp`` with a manifest; under the session lock, re-read session.json, check
+        round k is still in progress, rename the folder to ``state-NNNN``, write session.json
+        (fsync'd: the pointer is durable), and only then delete the state folder that is now
+        neither the current nor the previous one."""
+        with FolderLock(self.path, COMMIT_LOCK_NAME):
+            self._check_in_progress(k)
+            name = f"state-{k + 1:04d}"
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=self.path))
+            try:
+                files = {}
+                for key, obj in state.items():
+                    atomic_torch_save(tmp / f"{key}.pt", obj)
+                    files[f"{key}.pt"] = (tmp / f"{key}.pt").stat().st_size
+                atomic_write_json(self.round_dir(k) / "metrics.json", metrics)
+                with self._lock:
+                    meta = self._check_in_progress(k)
+                    cur, prev = meta.get("state_dir"), meta.get("prev_state_dir")
+                    meta.update(next_round=k + 1, labels_used=meta["labels_used"] + labels,
+                                best=None if best is None else dataclasses.asdict(best),
+                                state_dir=name, prev_state_dir=cur,
+                                history=list(meta["history"]) + [metrics])
+                    atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION,
+                                                       "round": k, "files": files, "meta": meta})
+                    fsync_dir(tmp)
+                    final = self.path / name
+                    if final.exists():  # a commit of round k killed before its pointer flip
+                        shutil.rmtree(final)
+                    os.replace(tmp, final)
+                    fsync_dir(self.path)
+                    atomic_write_json(self.path / "session.json", meta)  # durable pointer
+                    self._meta = meta
+                    for old in (prev,):  # now named by no pointer
+                        if old is not None and old not in (name, cur):
+                            shutil.rmtree(self.path / old, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        if not self.config.keep_trajectories and k >= 1:
+            # repair can go back one round (to the previous state): round k's trajectory stays
+            # until round k + 1 is committed; round k - 1's bulky chain is no longer needed
+            self._drop_trajectory(k - 1)
+
+    def _check_in_progress(self, k: int) -> dict:
+        with self._lock:
+            meta = load_meta(self.path)
+            self._meta = meta
+        if meta["next_round"] != k:
+            raise SessionError(f"cannot complete round {k}: round {meta['next_round']} is in "
+                               f"progress (another process committed it?)")
+        return meta
+
+    def _drop_trajectory(self, k: int) -> None:
+        g = self.round_dir(k) / "generated.pt"
+        if not g.is_file():
+            return
+        try:
             data = torch_load(g)
-            # keep what the history and the best record need; drop the bulky chain
-            data.pop("latents", None)
-            data.pop("log_probs", None)
-            atomic_torch_save(g, data)
+        except SessionError:
+            return
+        if "latents" not in data and "log_probs" not in data:
+            return
+        # keep what the history and the best record need; drop the bulky chain
+        data.pop("latents", None)
+        data.pop("log_probs", None)
+        atomic_torch_save(g, data)
 
     def summary(self) -> dict:
         """What the session panel shows."""

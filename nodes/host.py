@@ -21,6 +21,7 @@ Everything that touches ComfyUI's sampling and training machinery lives here; th
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -548,48 +549,85 @@ def apply_lora(model, session: Session, strength: float = 1.0):
 
 # ---- export ------------------------------------------------------------------------------------
 
+EXPORT_DTYPES = ("fp16", "fp32")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_RESERVED = ({"con", "prn", "aux", "nul", "clock$"} | {f"com{i}" for i in range(10)}
+             | {f"lpt{i}" for i in range(10)})
+_LITERALS = {"true", "false", "null", "none", "nan", "inf", "undefined"}
+
+
+def check_export_args(prefix, dtype) -> tuple[str, str]:
+    """Validate an export's file name prefix and dtype (before anything is loaded) -> both, or
+    HeroHostError naming the problem and the fix."""
+    if not isinstance(prefix, str):
+        raise HeroHostError(f"filename_prefix must be text, got {type(prefix).__name__} "
+                            f"{prefix!r}; use e.g. 'hero' (letters, digits, '_' or '-')")
+    p = prefix.strip()
+    if not _PREFIX_RE.match(p):
+        raise HeroHostError(f"invalid filename_prefix {prefix!r}: use 1-64 letters, digits, '_' or "
+                            f"'-', starting with a letter or digit (the file goes to "
+                            f"models/loras/hero/<prefix>_r<round>.safetensors)")
+    if p.lower() in _RESERVED:
+        raise HeroHostError(f"filename_prefix {prefix!r} is a reserved device name on Windows; "
+                            f"choose another name, e.g. 'hero_{p.lower()}'")
+    if p.lower() in _LITERALS:
+        raise HeroHostError(f"filename_prefix {prefix!r} reads as a value, not a name (a boolean "
+                            f"or null turned into text?); choose a name such as 'hero'")
+    if dtype is None:
+        dtype = "fp16"
+    if not isinstance(dtype, str) or dtype.strip().lower() not in EXPORT_DTYPES:
+        raise HeroHostError(f"unknown dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    return p, dtype.strip().lower()
+
+
 def export_path(prefix: str, round_: int) -> Path:
     import folder_paths
-    from ..hero_engine.session import valid_session_id
-    try:
-        valid_session_id(prefix)
-    except SessionError:
-        raise HeroHostError(f"invalid filename_prefix {prefix!r}: use 1-64 letters, digits, '_' or "
-                            f"'-' (the file goes to models/loras/hero/)") from None
+    prefix, _ = check_export_args(prefix, "fp16")
     root = Path(folder_paths.get_folder_paths("loras")[0])
     return root / "hero" / f"{prefix}_r{round_:04d}.safetensors"
 
 
-def export_lora(session: Session, prefix: str, dtype: str = "fp16") -> dict:
-    """HERO_ExportLoRA: write the session's LoRA as a kohya file into models/loras/hero/."""
+def export_lora(session: Session, prefix, dtype="fp16") -> dict:
+    """HERO_ExportLoRA: write the session's LoRA as a kohya file into models/loras/hero/.
+    The arguments are checked first; then, under the session lock (a round commit waits), only
+    the LoRA is loaded (not the 128 MB encoder), written, and recorded as the last export."""
     import json
-    st = session.load_state()
-    if "lora" not in st:
-        raise HeroHostError(f"session '{session.session_id}' has no trained LoRA yet: complete a "
-                            f"round (HERO Train) before exporting")
-    layout = session.info.get("lora_layout")
-    if not layout:
-        raise HeroHostError(f"session '{session.session_id}' does not record its model family; "
-                            f"run HERO Generate or HERO Apply LoRA once with the session's model")
-    tensors = st["lora"]
-    have = {k.rsplit(".", 1)[0] for k in tensors}
-    names = [n for n in layout["kohya"] if n in have]
-    if len(names) != len(have):
-        raise HeroHostError(f"session '{session.session_id}': the recorded model layout does not "
-                            f"cover the LoRA ({len(have) - len(names)} modules unnamed); run HERO "
-                            f"Apply LoRA once with the session's model, then export again")
-    state = lora_state(tensors, names, layout["family"], layout["kohya"])
-    path = export_path(prefix, session.round)
-    cfg = session.config
-    md = {"hero_session_id": session.session_id, "hero_round": str(session.round),
-          "hero_labels_used": str(session.labels_used), "hero_method": cfg.method,
-          "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
-          "hero_base_model": layout.get("model", ""), "hero_family": layout["family"],
-          "hero_best": json.dumps(session.best.__dict__ if session.best else None),
-          "ss_training_comment": f"HERO online human-feedback RL, session {session.session_id}, "
-                                 f"{session.round} rounds, {session.labels_used} labels"}
-    md_written = export_kohya(state, path, md, dtype=torch.float16 if dtype == "fp16" else torch.float32)
-    rel = f"hero/{path.name}"
-    session.update_info(last_export={"file": rel, "round": session.round})
-    return {"path": str(path), "filename": rel, "round": session.round, "modules": len(names),
-            "metadata": md_written}
+    prefix, dtype = check_export_args(prefix, dtype)
+
+    def write(st: dict, s: Session) -> dict:
+        if "lora" not in st:
+            raise HeroHostError(f"session '{s.session_id}' has no trained LoRA yet: complete a "
+                                f"round (HERO Train) before exporting")
+        layout = s.info.get("lora_layout")
+        if not layout:
+            raise HeroHostError(f"session '{s.session_id}' does not record its model family; "
+                                f"run HERO Generate or HERO Apply LoRA once with the session's "
+                                f"model")
+        tensors = st["lora"]
+        have = {k.rsplit(".", 1)[0] for k in tensors}
+        names = [n for n in layout["kohya"] if n in have]
+        if len(names) != len(have):
+            raise HeroHostError(f"session '{s.session_id}': the recorded model layout does not "
+                                f"cover the LoRA ({len(have) - len(names)} modules unnamed); run "
+                                f"HERO Apply LoRA once with the session's model, then export "
+                                f"again")
+        state = lora_state(tensors, names, layout["family"], layout["kohya"])
+        path = export_path(prefix, s.round)
+        cfg = s.config
+        md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
+              "hero_labels_used": str(s.labels_used), "hero_method": cfg.method,
+              "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
+              "hero_base_model": layout.get("model", ""), "hero_family": layout["family"],
+              "hero_best": json.dumps(s.best.__dict__ if s.best else None),
+              "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
+                                     f"{s.round} rounds, {s.labels_used} labels"}
+        md_written = export_kohya(state, path, md,
+                                  dtype=torch.float16 if dtype == "fp16" else torch.float32)
+        return {"file": f"hero/{path.name}", "path": str(path), "filename": f"hero/{path.name}",
+                "modules": len(names), "metadata": md_written}
+
+    res = session.export_state(write, names=("lora",))
+    res.pop("file", None)
+    from ..hero_engine.fileio import remove_stale_temps
+    remove_stale_temps(Path(res["path"]).parent, recursive=False)  # an export killed earlier
+    return res

@@ -3,7 +3,7 @@
 One queued prompt = one HERO round (DESIGN.md decision 1):
 HERO_Session -> HERO_Generate -> HERO_Feedback -> HERO_Train (-> HERO_ExportLoRA).
 Per-round nodes are ``not_idempotent`` with a NaN fingerprint so ComfyUI never serves them from
-its cache.
+its cache (ComfyUI calls ``fingerprint_inputs(cls, **inputs)``; NaN never equals itself).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from comfy_api.latest import io, ui
 
 from ..hero_engine.policy import PolicyConfig
 from ..hero_engine.representation import RepresentationConfig
-from ..hero_engine.session import HeroConfig, Session, SessionError, valid_session_id
+from ..hero_engine.session import (HeroConfig, Session, SessionDamaged, SessionError,
+                                   valid_session_id)
 
 log = logging.getLogger("HERO")
 
@@ -27,7 +28,9 @@ Feedback = io.Custom("HERO_FEEDBACK")
 CATEGORY = "HERO"
 
 
-def _nan(**_kw):
+def _nan(cls, **_inputs):
+    """``fingerprint_inputs``: ComfyUI calls it as a classmethod with the node's inputs as
+    keywords; NaN != NaN, so the node is never served from the cache."""
     return float("nan")
 
 
@@ -47,15 +50,28 @@ def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
     return out
 
 
-def open_session(session_id: str, config: HeroConfig) -> tuple[Session, bool, list[str]]:
-    """Open ``output/hero/<id>/`` or create it with ``config`` -> (session, created, ignored keys)."""
+def open_session(session_id: str, config: HeroConfig, repair: bool = False
+                 ) -> tuple[Session, bool, list[str]]:
+    """Open ``output/hero/<id>/`` or create it with ``config`` -> (session, created, ignored keys).
+    A damaged session raises its error (naming the file and what repair restores) unless
+    ``repair``: then ``hero_engine.repair`` restores the last complete state first."""
     try:
         valid_session_id(session_id)
     except SessionError as e:
         raise ValueError(str(e)) from None
     path = sessions_root() / session_id
-    if (path / "session.json").exists():
-        s = Session.open(path)
+    remains = path.is_dir() and any((path / n).exists() for n in ("session.init.json", "rounds"))
+    if (path / "session.json").exists() or remains:
+        try:
+            s = Session.open(path)
+        except SessionDamaged as e:
+            if not repair:
+                raise
+            from ..hero_engine.repair import repair as do_repair
+            rep = do_repair(path)
+            log.warning("HERO: session %s repaired: %s (%s)", session_id, "; ".join(rep["actions"]),
+                        e)
+            s = Session.open(path)
         return s, False, _config_diff(s.config, config)
     config.validate()
     return Session.create(path, config, session_id=session_id, info={"host": "comfyui"}), True, []
@@ -109,6 +125,12 @@ class HERO_Session(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Session seed: every round's noise is drawn from (seed, round), "
                                      "so an interrupted round redraws the same images."),
+                io.Boolean.Input("repair", default=False, optional=True,
+                                 tooltip="If the session folder is damaged (a state folder deleted "
+                                         "by hand, a truncated file), restore its last complete "
+                                         "state before opening it. Marks are never deleted (see "
+                                         "docs/session_store.md). Off: a damaged session stops "
+                                         "with a message naming the file."),
             ],
             outputs=[SessionT.Output("session", tooltip="The open session, for the other HERO nodes.")],
         )
@@ -118,7 +140,7 @@ class HERO_Session(io.ComfyNode):
     @classmethod
     def execute(cls, session_id, method="hero", batch_size=8, steps=20, cfg=5.0, lora_rank=4,
                 lora_alpha=4.0, learning_rate=1e-3, timesteps_per_sample=5, beta=0.5,
-                epsilon=0.1, budget=512, encoder_epochs=500, seed=0) -> io.NodeOutput:
+                epsilon=0.1, budget=512, encoder_epochs=500, seed=0, repair=False) -> io.NodeOutput:
         session_id = str(session_id).strip()
         config = HeroConfig(method=method, batch_size=int(batch_size), steps=int(steps),
                             cfg=float(cfg), beta=float(beta), epsilon=float(epsilon),
@@ -127,7 +149,7 @@ class HERO_Session(io.ComfyNode):
                             policy=PolicyConfig(lr=float(learning_rate),
                                                 timesteps_per_sample=int(timesteps_per_sample)),
                             representation=RepresentationConfig(epochs=int(encoder_epochs)))
-        s, created, diff = open_session(session_id, config)
+        s, created, diff = open_session(session_id, config, repair=bool(repair))
         lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "
                  f"{s.labels_used}/{s.config.budget} labels used"]
         if diff:
@@ -331,7 +353,7 @@ class HERO_ExportLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, session, filename_prefix="hero", dtype="fp16", after=None) -> io.NodeOutput:
         from . import host
-        res = host.export_lora(session, str(filename_prefix).strip(), dtype or "fp16")
+        res = host.export_lora(session, filename_prefix, dtype)
         return io.NodeOutput(res["filename"], ui=ui.PreviewText(
             f"wrote models/loras/{res['filename']} ({res['modules']} modules, round {res['round']})"))
 
@@ -339,9 +361,12 @@ class HERO_ExportLoRA(io.ComfyNode):
 def _panel_export(session, body: dict) -> dict:
     """POST /hero/export (routes.register_exporter)."""
     from . import host
-    prefix = body.get("filename_prefix") or body.get("prefix") or session.session_id
-    res = host.export_lora(session, str(prefix), str(body.get("dtype") or "fp16"))
+    prefix = body.get("filename_prefix", body.get("prefix"))
+    if prefix is None or prefix == "":
+        prefix = session.session_id
+    res = host.export_lora(session, prefix, body.get("dtype"))  # checked before anything loads
     res.pop("metadata", None)
+    res.pop("last_export", None)
     return res
 
 

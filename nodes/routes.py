@@ -19,7 +19,11 @@ from . import marks as _marks
 
 log = logging.getLogger("HERO")
 
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024      # bytes of a request body (chunked or not)
+MAX_DEPTH = 8             # nesting of arrays/objects (a marks body needs 2)
+MAX_ITEMS = 2048          # entries of one array or object (a round has at most 1024 images)
+MAX_INT_DIGITS = 20       # digits of an integer literal (image indices need 4)
+MAX_STRING = 4096         # characters of one string (tokens are 24, names 64)
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -27,22 +31,107 @@ def _json(status: int, body) -> web.Response:
     return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
 
-async def _read_json(request: web.Request, limit: int = MAX_BODY):
-    """(payload, None) or (None, error response). Enforces the size limit even without a
-    Content-Length header."""
+class BodyError(ValueError):
+    """A request body out of bounds; ``status`` 400 or 413, the message names the limit."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:  # never reaches int(): Python's 4300-digit limit raises there
+        raise BodyError(f"an integer in the body has {digits} digits; the limit is "
+                        f"{MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_constant(name: str):
+    raise BodyError(f"{name} is not valid JSON; send finite numbers")
+
+
+def check_shape(obj) -> None:
+    """Bounds of a parsed body (iterative: no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, (list, dict)):
+            if depth > MAX_DEPTH:
+                raise BodyError(f"the body nests arrays/objects more than {MAX_DEPTH} deep; "
+                                f"the limit is {MAX_DEPTH}")
+            if len(o) > MAX_ITEMS:
+                raise BodyError(f"an array or object in the body has {len(o)} entries; the "
+                                f"limit is {MAX_ITEMS}")
+            items = o.values() if isinstance(o, dict) else o
+            if isinstance(o, dict):
+                for k in o:
+                    if len(k) > MAX_STRING:
+                        raise BodyError(f"a key in the body has {len(k)} characters; the limit "
+                                        f"is {MAX_STRING}")
+            stack.extend((v, depth + 1) for v in items)
+        elif isinstance(o, str) and len(o) > MAX_STRING:
+            raise BodyError(f"a string in the body has {len(o)} characters; the limit is "
+                            f"{MAX_STRING}")
+
+
+def parse_body(raw: bytes):
+    """Bytes -> JSON value within the bounds above, else :class:`BodyError`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyError(f"the body is not valid JSON: not UTF-8 ({e})") from None
+    try:
+        obj = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except BodyError:
+        raise
+    except RecursionError:
+        raise BodyError(f"the body nests arrays/objects more than {MAX_DEPTH} deep; the limit "
+                        f"is {MAX_DEPTH}") from None
+    except ValueError as e:  # JSONDecodeError, and any conversion the decoder refuses
+        raise BodyError(f"the body is not valid JSON: {e}") from None
+    check_shape(obj)
+    return obj
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body (every TCP segment, chunked or not) up to ``limit`` bytes, else
+    :class:`BodyError` 413. ``request.content.read(n)`` alone returns only what has arrived."""
     if request.content_length is not None and request.content_length > limit:
-        return None, _json(413, {"error": f"body too large ({request.content_length} bytes; "
-                                          f"the limit is {limit})"})
+        raise BodyError(f"body too large ({request.content_length} bytes; the limit is {limit})",
+                        413)
+    chunks, size = [], 0
+    while True:
+        try:
+            chunk = await request.content.read(limit + 1 - size)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a client that broke off mid-body
+            raise BodyError(f"the body could not be read ({type(e).__name__}: {e})") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyError(f"body too large (more than {limit} bytes; the limit is {limit})",
+                            413)
+        chunks.append(chunk)
+
+
+async def _read_json(request: web.Request, limit: int = MAX_BODY):
+    """(payload, None) or (None, error response): the whole body, bounded in size (413) and in
+    what it holds (400 naming the limit: depth, entries, integer digits, string length)."""
     ctype = request.headers.get("Content-Type", "application/json")
     if "json" not in ctype.lower():
         return None, _json(415, {"error": "send JSON (Content-Type: application/json)"})
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        return None, _json(413, {"error": f"body too large (the limit is {limit} bytes)"})
     try:
-        return json.loads(raw.decode("utf-8")), None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, _json(400, {"error": f"the body is not valid JSON: {e}"})
+        return parse_body(await read_body(request, limit)), None
+    except BodyError as e:
+        return None, _json(e.status, {"error": str(e)})
+
+
+def _is_session_error(e: BaseException) -> bool:
+    """hero_engine's SessionError (damaged or stale session), by name: no engine import here."""
+    return any(c.__name__ == "SessionError" for c in type(e).__mro__)
 
 
 def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistry] = None,
@@ -98,6 +187,8 @@ def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistr
         try:
             s = await loop.run_in_executor(None, session_api.summary, sessions_root(), sid)
         except Exception as e:  # noqa: BLE001
+            if _is_session_error(e):  # damaged: the message names the file and the repair
+                return _json(409, {"error": str(e), "damaged": True})
             log.exception("HERO: session summary failed")
             return _json(500, {"error": f"reading session '{sid}' failed: {e}"})
         if s is None:
@@ -110,7 +201,13 @@ def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistr
         if sid is None:
             return _json(400, {"error": "session ids are 1-64 characters of A-Z a-z 0-9 _ -"})
         loop = asyncio.get_running_loop()
-        p = await loop.run_in_executor(None, session_api.best_image, sessions_root(), sid)
+        try:
+            p = await loop.run_in_executor(None, session_api.best_image, sessions_root(), sid)
+        except Exception as e:  # noqa: BLE001
+            if _is_session_error(e):
+                return _json(409, {"error": str(e), "damaged": True})
+            log.exception("HERO: best image failed")
+            return _json(500, {"error": f"reading session '{sid}' failed: {e}"})
         if p is None:
             return _json(404, {"error": f"session '{sid}' has no best image yet"})
         return web.FileResponse(p, headers={"Cache-Control": "no-cache"})
@@ -135,6 +232,8 @@ def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistr
         except ValueError as e:
             return _json(400, {"error": str(e)})
         except Exception as e:  # noqa: BLE001
+            if _is_session_error(e):
+                return _json(409, {"error": str(e)})
             log.exception("HERO: export failed")
             return _json(500, {"error": f"export failed: {e}"})
         return _json(200, res)
@@ -166,7 +265,7 @@ class SessionViews:
         p = Path(root) / sid
         if not (p / "session.json").is_file():
             return None
-        return S.Session.open(p)
+        return S.Session.open(p, cleanup=False)  # views never delete; the node's open cleans
 
     def _view(self, s) -> dict:
         d = s.summary()

@@ -290,7 +290,8 @@ def test_inprocess_old_host():
     if Path(os.path.realpath(OLD_PATH)) == Path(os.path.realpath(COMFYUI_PATH)):
         pytest.skip("COMFYUI_PATH is already the old host")
     env = dict(os.environ, COMFYUI_PATH=str(OLD_PATH), HERO_INPROCESS_CHILD="1")
-    files = [Path(__file__), Path(__file__).parent / "test_export_diffusers.py"]
+    files = [Path(__file__), Path(__file__).parent / "test_export_diffusers.py",
+             Path(__file__).parent / "test_store_host.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rA", "-p", "no:cacheprovider",
                         *map(str, files)], cwd=str(REPO), env=env, capture_output=True,
                        text=True, timeout=1800)
@@ -298,7 +299,9 @@ def test_inprocess_old_host():
     # these ran (not skipped) on the old host
     for t in ("test_adapter.py::test_interrupt_generate_and_train",
               "test_adapter.py::test_export_round_trip[sd15]",
-              "test_export_diffusers.py::test_exported_lora_loads_in_diffusers_sd15"):
+              "test_export_diffusers.py::test_exported_lora_loads_in_diffusers_sd15",
+              "test_store_host.py::test_fingerprint_inputs_as_comfyui_calls_it",
+              "test_store_host.py::test_panel_exports_during_real_commits"):
         assert f"PASSED tests/host/{t}" in r.stdout, r.stdout[-3000:]
 
 
