@@ -328,8 +328,8 @@ def _offer(path: Path) -> str:
     elif meta is None and (path / INIT_META).is_file():
         what = f"repair rebuilds session.json from {INIT_META} (learning restarts at round 0)"
     elif meta is None:
-        return (f"no copy to rebuild session.json from is left; start a new session (the rounds "
-                f"folder keeps every image and mark)")
+        return ("no copy to rebuild session.json from is left; start a new session (the rounds "
+                "folder keeps every image and mark)")
     elif states:
         c = states[0]
         what = (f"the last complete state is {c['dir']} (after round {c['round']}): repair "
