@@ -42,8 +42,11 @@ setup_host() {
   fi
   local fe
   fe=$(grep -E '^comfyui-frontend-package' "$COMFYUI_PATH/requirements.txt" | head -1)
+  # read pip's answer whole first: 'pip show | grep -q' under pipefail fails when grep stops early
+  local fe_have
+  fe_have=$("$HOST_VENV/bin/pip" show comfyui_frontend_package 2>/dev/null || true)
   if ! "$HOST_VENV/bin/python" -c "import torchsde, av, aiohttp, playwright, diffusers, peft, comfy_kitchen" 2>/dev/null \
-     || ! "$HOST_VENV/bin/pip" show comfyui_frontend_package 2>/dev/null | grep -q "Version: ${fe#*==}"; then
+     || ! grep -q "Version: ${fe#*==}" <<< "$fe_have"; then
     log "installing ComfyUI requirements into the host venv"
     grep -vE '^(torch|torchvision|torchaudio)\b' "$COMFYUI_PATH/requirements.txt" > "$HOST_VENV/comfy-req.txt"
     "$HOST_VENV/bin/pip" install -q -r "$HOST_VENV/comfy-req.txt" torchsde \
