@@ -36,7 +36,7 @@ BENCH_D3PO_LR = 1e-3
 MILESTONES = (128, 256, 512)
 TARGETS = (0.5, 0.8)
 BOOTSTRAP = 2000
-BENCH_EVAL_N = 128
+BENCH_EVAL_N = 64      # fresh samples per evaluation (docs/benchmarks.md: bench scale)
 SUCCESS_KINDS = ("success", "session_success")   # fresh noise; the session's own (guided) batch
 
 

@@ -14,15 +14,7 @@ from hero_engine.reward import advantages, mark_anchored_reward, within_class_ra
 from hero_engine.sampling import trajectory_log_prob
 from hero_engine.session import METHOD_TRAITS, HeroConfig, Session
 
-from tiny import evaluator, tiny_backend, tiny_config
-
-
-def query_fn(be, ev, session):
-    def q(batch):
-        best = session.best
-        m, scores = ev.query(batch.images, be.prompts, None if best is None else best.score)
-        return m, (float(scores[m.best]) if m.best is not None else None)
-    return q
+from tiny import evaluator, query_fn, tiny_backend, tiny_config
 
 
 # ---- method traits ---------------------------------------------------------------------------

@@ -14,17 +14,9 @@ from hero_engine import loop
 from hero_engine.feedback import Marks, MarksError
 from hero_engine.session import HeroConfig, Session, SessionError, valid_session_id
 
-from tiny import evaluator, tiny_backend, tiny_config
+from tiny import evaluator, query_fn, tiny_backend, tiny_config, train_again
 
 HERE = Path(__file__).resolve().parent
-
-
-def query_fn(be, ev, session):
-    def q(batch):
-        best = session.best
-        m, scores = ev.query(batch.images, be.prompts, None if best is None else best.score)
-        return m, (float(scores[m.best]) if m.best is not None else None)
-    return q
 
 
 def test_full_rounds_and_reopen(tmp_path):
@@ -102,12 +94,7 @@ def test_kill_during_training_and_resume(tmp_path):
     marks = s.marks_for(1)
     assert marks is not None and marks == Session.open(ref).marks_for(1)
     torch.set_num_threads(1)  # as the worker: bit-identical float reductions
-    be = tiny_backend()
-    be.load_session(s)
-    plan = loop.prepare_learning(s)
-    popt = be.policy_optimizer(s)
-    loop.apply_policy_update(s, plan, be.denoiser(), popt)
-    loop.complete_round(s, plan, be.lora_state(), popt)
+    train_again(s)
     a, b = Session.open(ref).load_state(), Session.open(killed).load_state()
     assert Session.open(killed).round == 2
     for k in a["lora"]:

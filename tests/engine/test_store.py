@@ -27,7 +27,7 @@ from hero_engine.locks import FolderLock
 from hero_engine.repair import RepairError, repair
 from hero_engine.session import Session, SessionDamaged, SessionError
 
-from tiny import evaluator, tiny_backend, tiny_config
+from tiny import evaluator, tiny_backend, tiny_config, train_again
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -287,12 +287,7 @@ def test_repair_deleted_state_folder(tmp_path):
     assert r.round == 2 and r.labels_used == 12 and len(r.history) == 2
     assert r.marks_for(2) == marks2  # nothing marked is lost
     # round 2 trains again from its saved marks: the same LoRA as before the damage
-    be2 = tiny_backend()
-    be2.load_session(r)
-    plan = loop.prepare_learning(r)
-    popt = be2.policy_optimizer(r)
-    loop.apply_policy_update(r, plan, be2.denoiser(), popt)
-    loop.complete_round(r, plan, be2.lora_state(), popt)
+    train_again(r)
     got = Session.open(s.path).load_state()["lora"]
     assert r.round == 3
     for k in want:
@@ -388,12 +383,7 @@ def test_kill_during_commit_then_resume(tmp_path):
     r = Session.open(s.path)  # the kill released the commit lock; leftovers go
     assert r.round == 1 and r.marks_for(1) is not None
     assert not list(s.path.glob(".state-*")) and not list(s.path.rglob("*.tmp"))
-    be2 = tiny_backend()
-    be2.load_session(r)
-    plan = loop.prepare_learning(r)
-    popt = be2.policy_optimizer(r)
-    loop.apply_policy_update(r, plan, be2.denoiser(), popt)
-    loop.complete_round(r, plan, be2.lora_state(), popt)
+    train_again(r)
     assert Session.open(s.path).round == 2
 
 

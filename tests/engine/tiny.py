@@ -52,3 +52,25 @@ def redness(images, prompts):
 
 def evaluator():
     return SimulatedEvaluator(redness, threshold=0.0)
+
+
+def query_fn(be, ev, session):
+    """The simulated person's answer for ``loop.run_round``: marks and the new best's score."""
+    def q(batch):
+        best = session.best
+        m, scores = ev.query(batch.images, be.prompts, None if best is None else best.score)
+        return m, (float(scores[m.best]) if m.best is not None else None)
+    return q
+
+
+def train_again(session):
+    """Train the session's round in progress from its saved marks on a fresh tiny backend (what a
+    restarted host does) and commit it; returns the backend."""
+    from hero_engine import loop
+    be = tiny_backend()
+    be.load_session(session)
+    plan = loop.prepare_learning(session)
+    popt = be.policy_optimizer(session)
+    loop.apply_policy_update(session, plan, be.denoiser(), popt)
+    loop.complete_round(session, plan, be.lora_state(), popt)
+    return be
