@@ -130,7 +130,8 @@ class LearnPlan:
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
                      progress: Progress = None) -> LearnPlan:
     """Steps 3-5 of a round: update the best record, train the representation network on this
-    round's triplets, compute rewards and advantages. Needs the round's marks on disk."""
+    round's triplets (every marked round's with ``encoder_replay``), compute the rewards (the
+    method's ``reward`` trait) and advantages. Needs the round's marks on disk."""
     cfg = session.config
     k = session.round
     marks = session.marks_for(k)
