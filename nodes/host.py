@@ -429,7 +429,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
             device=noise.device, progress=progress, micro_batch=GENERATE_MICRO_BATCH,
             extra_meta={"cfg": cfg, "steps": steps, "width": width, "height": height,
                         "seed": int(seed), "family": family, "host": "comfyui"})
-        return out["batch"].trajectory.x0.to(noise.device)
+        return out["batch"].trajectory.x0.float().to(noise.device)
 
     noise = torch.zeros((n, *shape))
     try:
