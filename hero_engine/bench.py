@@ -214,7 +214,7 @@ def summarise(results: list[dict]) -> dict:
 def verdict(summary: dict) -> list[str]:
     """The issue's target, checked per simulated person: hero reaches 80% on >= 3 tasks; its
     AUC >= ddpo-binary's on every task; to 80% it needs <= 1/2 of ddpo-binary's marks and <= 1/4
-    of d3po's (or they never get there)."""
+    of d3po's (or they never get there). A baseline that was not run fails its check."""
     lines = []
     for person, by_task in summary.items():
         reached = [t for t, rows in by_task.items()
@@ -225,8 +225,8 @@ def verdict(summary: dict) -> list[str]:
         ratio_ok = []
         for t in reached:
             rows = by_task[t]
-            ok = all((rows[b]["ratio_80"] or 0) >= need for b, need in
-                     (("ddpo-binary", 2), ("d3po", 4)) if b in rows)
+            ok = all(b in rows and (rows[b]["ratio_80"] or 0) >= need for b, need in
+                     (("ddpo-binary", 2), ("d3po", 4)))
             if ok:
                 ratio_ok.append(t)
         lines.append(f"- {person}: hero reaches 80% on {len(reached)}/{len(by_task)} tasks "

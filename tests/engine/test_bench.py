@@ -74,7 +74,10 @@ def test_verdict_checks_the_target():
     runs = [run("hero", s, [0.2, 0.8, 0.9, 0.9]) for s in range(3)]
     runs += [run("ddpo-binary", s, [0.2, 0.5, 0.8, 0.9]) for s in range(3)]
     (line,) = verdict(summarise(runs))
-    assert "ratios met on 1/1" in line     # 128 vs 64 marks: ddpo-binary needs 2x
+    assert "ratios met on 0/1" in line     # 2x ddpo-binary's marks, but d3po was not run
+    runs += [run("d3po", s, [0.2, 0.2, 0.2, 0.2]) for s in range(3)]
+    (line,) = verdict(summarise(runs))
+    assert "ratios met on 1/1" in line     # 128 vs 64 marks: ddpo-binary needs 2x, d3po never
 
 
 def test_method_variants():
