@@ -24,6 +24,8 @@ def cfg_denoiser(unet, cond: Tensor, uncond: Tensor, cfg: float) -> Denoiser:
         c = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond[index.to(cond.device)]
         u = uncond.expand(b, -1, -1)
         dtype = next(unet.parameters()).dtype
+        if cfg == 1.0:   # eps(x, t, c) alone, as ComfyUI skips the unconditional pass at cfg 1
+            return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
         out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
                    encoder_hidden_states=torch.cat([u, c]).to(dtype)).sample.float()
         eps_u, eps_c = out.chunk(2)
@@ -40,7 +42,7 @@ class DiffusersBackend:
                  decode: Callable[[Tensor], Tensor], alphas_cumprod: Tensor,
                  latent_shape: tuple[int, ...], prompts: list[str], cfg: float,
                  rank: int = 4, alpha: float = 4.0, family: str = "toy", device="cpu",
-                 lora_seed: int = 0):
+                 lora_seed: int = 0, targets: tuple[str, ...] = lora_mod.DEFAULT_TARGETS):
         self.unet = unet.to(device)
         self.unet.requires_grad_(False)
         self.encode_prompts = encode_prompts
@@ -51,7 +53,7 @@ class DiffusersBackend:
         self.cfg = cfg
         self.family = family
         self.device = torch.device(device)
-        lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed)
+        lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed, targets=targets)
         self._initial = self.lora_state()
         with torch.no_grad():
             self._cond = encode_prompts(self.prompts).to(self.device)
@@ -89,9 +91,12 @@ class DiffusersBackend:
     def schedule(self, steps: int) -> DDIMSchedule:
         return DDIMSchedule.from_alphas_cumprod(self.alphas_cumprod, steps)
 
-    def denoiser(self, prompts: Optional[list[str]] = None) -> Denoiser:
+    def denoiser(self, prompts: Optional[list[str]] = None, cfg: Optional[float] = None
+                 ) -> Denoiser:
+        """The guided sampler's prediction (``cfg``: the backend's scale; 1.0: the conditional
+        prediction alone, what reward-weighted denoising trains)."""
         cond = self._cond if prompts is None else self.encode_prompts(prompts).to(self.device)
-        return cfg_denoiser(self.unet, cond, self._uncond, self.cfg)
+        return cfg_denoiser(self.unet, cond, self._uncond, self.cfg if cfg is None else cfg)
 
     @torch.no_grad()
     def sample_fresh(self, n: int, steps: int, seed: int, eta: float = 1.0,

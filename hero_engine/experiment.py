@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +21,7 @@ from .backends import DiffusersBackend
 from .feedback import SimulatedEvaluator
 from .policy import PolicyConfig
 from .representation import RepresentationConfig
-from .session import HeroConfig, Session
+from .session import LORA_TARGETS, HeroConfig, Session
 
 __all__ = ["ExperimentSpec", "toy_backend", "toy_config", "evaluate", "run_experiment",
            "diversity"]
@@ -77,7 +78,9 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
     cfg = spec.cfg if spec.cfg is not None else toy.default_cfg
     be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
                           toy.latent_shape, [prompt], cfg=cfg, rank=4, alpha=4.0, family="toy",
-                          device=device, lora_seed=spec.seed)
+                          device=device, lora_seed=spec.seed,
+                          targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
+                              k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
     return toy, task, be
 
 
@@ -141,6 +144,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     threshold = spec.threshold if spec.threshold is not None else task.threshold
     prompt = be.prompts[0]
     tag = re.sub(r"[^A-Za-z0-9_-]", "_", f"{spec.task}-{spec.name}-f{spec.flip_rate:g}-s{spec.seed}")
+    if len(tag) > 56:   # a session id has at most 64 characters: a long variant name is hashed
+        tag = f"{tag[:40]}-{zlib.crc32(tag.encode()):08x}"
     sess_dir = out_dir / f"session-{tag}"
     if sess_dir.exists():
         import shutil

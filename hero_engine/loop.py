@@ -3,8 +3,8 @@
     generate_round      feedback-guided noise -> DDIM(eta) chain with log-probs -> images, stored
     (marks)             Session.record_marks (a person through the marks API, or an evaluator)
     prepare_learning    best record, good-noise pool, representation learning, rewards, advantages
-    apply_policy_update (extra unmarked samples scored by the representation), then PPO (or D3PO)
-                        on the LoRA through the backend's denoiser
+    apply_policy_update (extra unmarked samples scored by the representation), then PPO, D3PO or
+                        reward-weighted denoising on the LoRA through the backend's denoiser
     complete_round      LoRA + optimizers + encoder + best + pool + metrics, one atomic commit
 
 The ComfyUI adapter calls these pieces from inside its own sampler; the toy demo and the
@@ -25,15 +25,16 @@ from torch import Tensor
 from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
+from .denoising import denoise_update
 from .policy import PolicyOptimizer, d3po_update, ppo_update
 from .representation import RepresentationTrainer
-from .reward import (advantages, binary_reward, mark_anchored_reward, similarity_reward,
-                     similarity_to_positives)
+from .reward import (advantages, binary_reward, denoising_weights, mark_anchored_reward,
+                     similarity_reward, similarity_to_positives)
 from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob
 from .session import BestRecord, Session, SessionError
 
 __all__ = ["round_generator", "plan_initial_noise", "generate_round", "LearnPlan",
-           "prepare_learning", "add_extra_samples", "policy_batch", "apply_policy_update",
+           "prepare_learning", "add_extra_samples", "policy_batch", "denoising_set", "apply_policy_update",
            "complete_round",
            "run_round"]
 
@@ -263,16 +264,55 @@ def policy_batch(session: Session, plan: LearnPlan, denoiser: Denoiser,
     return both, advantages(torch.cat(parts_r), cfg.policy.adv_clip)
 
 
+def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
+    """The images reward-weighted denoising imitates and their weights (reward.denoising_weights):
+    every image marked so far, with the rewards of the method's ``reward`` trait recomputed under
+    the current representation (so earlier rounds' good images are graded as it learns), and the
+    ``extra_ratio`` unmarked samples with the representation's soft labels."""
+    cfg = session.config
+    traj = plan.trajectory
+    dev = traj.latents.device
+    past_x0, past_y = session.marked_history(plan.round, what="x0")
+    y_now = torch.zeros(len(traj))
+    y_now[list(plan.marks.good)] = 1.0
+    x0 = traj.x0.float().cpu()
+    if len(past_y):
+        x0, ys = torch.cat([past_x0.float(), x0]), torch.cat([past_y, y_now])
+    else:
+        ys = y_now
+    if plan.encoder is not None and cfg.reward == "marks+similarity":
+        past_f, _ = session.marked_history(plan.round)
+        feats = traj.feature_latents(cfg.feature_latent).float().cpu()
+        if len(past_f) == len(past_y) and len(past_y):
+            feats = torch.cat([past_f, feats])
+        if len(feats) == len(ys):
+            h = plan.encoder.features(feats, cfg.reward_features)
+            hb = plan.encoder.features(plan.best_feature[None], cfg.reward_features)[0]
+            r = mark_anchored_reward(ys, similarity_reward(h, hb).cpu(), cfg.mark_credit)
+        else:
+            r = ys.clone()
+    else:
+        r = ys.clone()
+    w = denoising_weights(ys, r)
+    if plan.extra is not None:
+        x0 = torch.cat([x0, plan.extra["x0"]])
+        w = torch.cat([w, denoising_weights(plan.extra["labels"], plan.extra["rewards"])])
+    return x0.to(dev), w
+
+
 def _fresh_chains(session: Session, k: int, n: int) -> Optional[Tensor]:
     ids = session.round_meta(k).get("centre_ids")
     return None if ids is None or len(ids) != n else torch.tensor(ids) == -1
 
 
 def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
-                        popt: PolicyOptimizer, progress: Progress = None) -> dict:
-    """Step 6: PPO (or D3PO for the baseline) through the backend's denoiser, over
-    ``policy_batch``: the marked batch and, with the ``extra_ratio`` trait, the unmarked samples
-    the representation scores."""
+                        popt: PolicyOptimizer, progress: Progress = None,
+                        conditional: Optional[Denoiser] = None) -> dict:
+    """Step 6 through the backend's denoiser, by the method's ``update`` trait: PPO over
+    ``policy_batch`` (the marked batch and, with the ``extra_ratio`` trait, the unmarked samples
+    the representation scores), D3PO over good-bad pairs, or reward-weighted denoising over
+    ``denoising_set``, which trains the ``conditional`` prediction eps(x, t, c) (no guidance;
+    default ``denoiser``) as LoRA fine-tuning does."""
     cfg = session.config
     gen = round_generator(session, plan.round, "policy")
     cb = None if progress is None else (lambda i, n: progress("train", i, n))
@@ -280,6 +320,15 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
     if cfg.update == "d3po":
         m = d3po_update(denoiser, plan.trajectory, list(plan.marks.good), list(plan.marks.bad),
                         popt, gen, cb)
+    elif cfg.update == "rwr":
+        if cfg.extra_samples(len(plan.trajectory)) > 0 and plan.encoder is not None:
+            add_extra_samples(session, plan, denoiser, progress)
+        x0, w = denoising_set(session, plan)
+        pcfg = popt.config
+        m = denoise_update(conditional or denoiser, x0, w, plan.trajectory.schedule, popt, gen,
+                           pcfg.denoise_steps, pcfg.train_batch_size * pcfg.grad_accum,
+                           callback=cb)
+        m.update(denoise_images=int((w > 0).sum()), denoise_pool=len(w))
     else:
         traj, adv = policy_batch(session, plan, denoiser, progress)
         pcfg = popt.config
@@ -328,7 +377,8 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     t1 = time.time()
     plan = prepare_learning(session, backend.device, best_score=best_score, progress=progress)
     popt = backend.policy_optimizer(session)
-    apply_policy_update(session, plan, backend.denoiser(), popt, progress)
+    apply_policy_update(session, plan, backend.denoiser(), popt, progress,
+                        conditional=backend.denoiser(cfg=1.0))
     if inspect is not None:
         inspect(plan)
     return complete_round(session, plan, backend.lora_state(), popt,

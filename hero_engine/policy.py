@@ -48,6 +48,8 @@ class PolicyConfig:
     timesteps_per_sample: int = 5
     clip_range: float = 1e-4
     epochs: int = 1           # passes over the round's chains (DDPO's num_inner_epochs; HERO: 1)
+    denoise_steps: int = 100  # update "rwr": AdamW steps per round, each over
+                              # train_batch_size x grad_accum marked images (denoising.py)
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     d3po_beta: float = 0.1

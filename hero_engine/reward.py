@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["similarity_reward", "similarity_to_positives", "binary_reward",
-           "mark_anchored_reward", "within_class_rank", "advantages"]
+           "mark_anchored_reward", "within_class_rank", "advantages", "denoising_weights"]
 
 
 def similarity_reward(h: Tensor, h_best: Tensor) -> Tensor:
@@ -71,3 +71,10 @@ def advantages(rewards: Tensor, clip: float = 5.0, eps: float = 1e-8) -> Tensor:
     r = rewards.float()
     std = r.std(unbiased=False) if len(r) > 1 else torch.tensor(0.0)
     return ((r - r.mean()) / (std + eps)).clamp(-clip, clip)
+
+
+def denoising_weights(labels: Tensor, rewards: Tensor) -> Tensor:
+    """w_i = r_i if image i is (marked or, unmarked, labelled) good, else 0: the weights of
+    reward-weighted denoising (denoising.py). With ``mark_anchored_reward`` a good image weighs
+    1 to 1 + credit, graded by its learned similarity to the best; a bad one is never imitated."""
+    return torch.where(labels.float() >= 0.5, rewards.float().clamp_min(0), torch.zeros(()))

@@ -100,10 +100,11 @@ def valid_session_id(session_id: str) -> str:
 #   encoder_replay  triplets from every marked round so far (False: the round's own, the paper)
 #   extra_ratio     unmarked N(0, I) samples per round, as a multiple of the batch, that the
 #                   representation scores for the policy update (0: only the marked batch)
-#   update          "ppo" (DDPO's clipped objective) or "d3po"
+#   update          "ppo" (DDPO's clipped objective), "d3po", or "rwr" (reward-weighted denoising on
+#                   every image marked so far, denoising.py)
 METHOD_TRAITS: dict[str, dict] = {
     "hero": dict(guidance=True, guided_policy=True, reward="marks+similarity",
-                 reward_features="head", encoder_replay=True, extra_ratio=0.0, update="ppo"),
+                 reward_features="head", encoder_replay=True, extra_ratio=0.0, update="rwr"),
     "hero-paper": dict(guidance=True, guided_policy=True, reward="similarity",
                        reward_features="trunk", encoder_replay=False, extra_ratio=0.0,
                        update="ppo"),
@@ -115,6 +116,17 @@ METHOD_TRAITS: dict[str, dict] = {
                         update="ppo"),
     "d3po": dict(guidance=False, guided_policy=True, reward="marks", reward_features="trunk",
                  encoder_replay=False, extra_ratio=0.0, update="d3po"),
+    # the strongest baseline we know: the same denoising update as hero on the raw marks
+    "rwr-binary": dict(guidance=False, guided_policy=True, reward="marks",
+                       reward_features="trunk", encoder_replay=False, extra_ratio=0.0,
+                       update="rwr"),
+}
+# The layers a LoRA trains (module-name suffixes, the same in diffusers and ComfyUI's LDM UNets):
+# the attention projections (HERO, DDPO), or those and the transformer blocks' feed-forward
+# layers (linear layers only, so every LoRA loader reads them).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
 }
 TRAITS = ("guidance", "guided_policy", "reward", "reward_features", "encoder_replay",
           "extra_ratio", "update")
@@ -135,6 +147,7 @@ class HeroConfig:
     fresh_ratio: float = 0.0        # not in HERO: share of each guided batch kept at N(0, I)
     lora_rank: int = 4
     lora_alpha: float = 4.0
+    lora_targets: str = "attention_ff"  # a key of LORA_TARGETS: the layers the LoRA trains
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
     reward_mode: str = "similarity-to-best"   # | similarity-to-all-positive
     budget: int = 512               # feedback budget N_fb (labels)
@@ -187,8 +200,11 @@ class HeroConfig:
         if self.reward not in ("similarity", "marks+similarity", "marks"):
             raise ValueError(f"reward must be 'similarity', 'marks+similarity' or 'marks', got "
                              f"{self.reward!r}")
-        if self.update not in ("ppo", "d3po"):
-            raise ValueError(f"update must be 'ppo' or 'd3po', got {self.update!r}")
+        if self.update not in ("ppo", "d3po", "rwr"):
+            raise ValueError(f"update must be 'ppo', 'd3po' or 'rwr', got {self.update!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets must be one of {sorted(LORA_TARGETS)}, got "
+                             f"{self.lora_targets!r}")
         if self.extra_ratio < 0:
             raise ValueError(f"extra_ratio must be 0 or more, got {self.extra_ratio}")
         if self.extra_ratio and not self.uses_encoder:
@@ -219,6 +235,8 @@ class HeroConfig:
             rep["head_dims"] = tuple(rep["head_dims"])
         rep = RepresentationConfig(**rep)
         known = {f.name for f in dataclasses.fields(cls)}
+        # written before the LoRA layer setting existed: those sessions trained attention only
+        d.setdefault("lora_targets", "attention")
         if d.get("method") == "hero" and "reward" not in d:
             # written before the method traits existed: that "hero" was the paper's recipe
             d["method"] = "hero-paper"
@@ -534,7 +552,10 @@ class Session:
             "noises": noises.detach().cpu(), "latents": traj.latents.detach().cpu().half(),
             "log_probs": traj.log_probs.detach().cpu(), "timesteps": traj.schedule.timesteps,
             "alpha_bars": traj.schedule.alpha_bars, "eta": traj.eta,
-            "features": features.detach().cpu().float()})
+            "features": features.detach().cpu().float(),
+            # the final latents outlive the chain (reward-weighted denoising replays them); with
+            # x0 features they are the features
+            **({} if self.config.feature_latent == "x0" else {"x0": traj.x0.detach().cpu().half()})})
         atomic_write_json(d / "meta.json", {**meta, "size": int(noises.shape[0]),
                                             "time": time.time()})
 
@@ -580,17 +601,19 @@ class Session:
         except MarksError as e:
             raise SessionError(f"{p} is damaged: {e}") from None
 
-    def marked_history(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature latents [N, C, H, W] and marks [N] (1 good / 0 bad) of rounds 0..k-1, in
-        order: the replay set of the representation network. A round whose features or marks
-        are gone is left out."""
+    def marked_history(self, k: int, what: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature latents (``what="x0"``: final latents) [N, C, H, W] and marks [N] (1 good /
+        0 bad) of rounds 0..k-1, in order: the replay set of the representation network and of
+        reward-weighted denoising. A round whose latents or marks are gone is left out."""
         feats, labels = [], []
         for j in range(k):
             m = self.marks_for(j)
             p = self.round_dir(j) / "generated.pt"
             if m is None or not p.exists():
                 continue
-            f = torch_load(p).get("features")
+            data = torch_load(p)
+            f = data.get("features") if what == "features" else data.get(
+                "x0", data.get("features") if self.config.feature_latent == "x0" else None)
             if f is None:
                 continue
             y = torch.zeros(len(f))

@@ -24,7 +24,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,11 +33,11 @@ from ..hero_engine.lora import (LoraModule, LoraState, export_kohya, invert_unet
                                 names_from_map)
 from ..hero_engine.policy import PolicyOptimizer
 from ..hero_engine.sampling import DDIMSchedule
-from ..hero_engine.session import Session, SessionError
+from ..hero_engine.session import LORA_TARGETS, HeroConfig, Session, SessionError
 
 log = logging.getLogger("HERO")
 
-TARGET_SUFFIXES = (".to_q", ".to_k", ".to_v", ".to_out.0")
+TARGET_SUFFIXES = tuple("." + s for s in LORA_TARGETS[HeroConfig().lora_targets])
 DM = "diffusion_model."
 GENERATE_MICRO_BATCH = 8
 
@@ -88,17 +88,20 @@ def model_family(model) -> str:
     return fam
 
 
-def lora_targets(model) -> list[str]:
-    """LDM module names (without ``diffusion_model.``) of the attention projections HERO trains."""
+def lora_targets(model, session: Optional[Session] = None) -> list[str]:
+    """LDM module names (without ``diffusion_model.``) of the linear layers HERO trains: the
+    session's ``lora_targets`` set (hero_engine.session.LORA_TARGETS; default the config's)."""
+    key = (session.config if session is not None else HeroConfig()).lora_targets
+    suffixes = tuple("." + s for s in LORA_TARGETS[key])
     out = []
     for name, m in model.model.diffusion_model.named_modules():
         w = getattr(m, "weight", None)
-        if (name.endswith(TARGET_SUFFIXES) and hasattr(m, "weight_function") and w is not None
+        if (name.endswith(suffixes) and hasattr(m, "weight_function") and w is not None
                 and w.dim() == 2):
             out.append(name)
     if not out:
-        raise HeroHostError("this MODEL has no attention projections (to_q/to_k/to_v/to_out.0) to "
-                            "put a LoRA on")
+        raise HeroHostError(f"this MODEL has no layers named {'/'.join(LORA_TARGETS[key])} to "
+                            f"put a LoRA on")
     return out
 
 
@@ -370,7 +373,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     check_vae(vae)
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
-    names = lora_targets(model)
+    names = lora_targets(model, session)
     remember_lora_layout(session, model, family, names)
     scfg = session.config
     steps = int(steps) or scfg.steps
@@ -475,7 +478,7 @@ def train(model, session: Session, feedback) -> TrainResult:
     if batch is not None and not _same_session(getattr(batch, "session", session), session):
         raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
                             f"'{session.session_id}'")
-    names = lora_targets(model)
+    names = lora_targets(model, session)
     kohya = remember_lora_layout(session, model, family, names)
     k = session.round
     if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
@@ -508,7 +511,11 @@ def train(model, session: Session, feedback) -> TrainResult:
         sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", max(1, len(plan.trajectory.schedule))).cpu()
         guider = comfy.samplers.CFGGuider(mp)
         guider.set_conds(batch.positive, batch.negative)
-        guider.set_cfg(float(batch.cfg))
+        scfg = session.config
+        # reward-weighted denoising trains the conditional prediction alone: at cfg 1 ComfyUI
+        # skips the unconditional pass (unless extra samples must be drawn with guidance)
+        conditional_only = scfg.update == "rwr" and scfg.extra_samples(len(plan.trajectory)) == 0
+        guider.set_cfg(1.0 if conditional_only else float(batch.cfg))
         res: dict = {}
 
         def run(model_wrap, extra_args, noise):
@@ -538,7 +545,7 @@ def train(model, session: Session, feedback) -> TrainResult:
 def apply_lora(model, session: Session, strength: float = 1.0):
     """HERO_ApplyLoRA: the session's current LoRA on a clone of ``model`` (plain patches)."""
     family = model_family(model)
-    names = lora_targets(model)
+    names = lora_targets(model, session)
     kohya = remember_lora_layout(session, model, family, names)
     st = session.load_state()
     if "lora" not in st:
