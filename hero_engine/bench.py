@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .experiment import ExperimentSpec, run_experiment
+from .experiment import TOY_LR, ExperimentSpec, run_experiment
 from .session import METHOD_TRAITS
 
 METHODS = list(METHOD_TRAITS)
@@ -31,12 +31,8 @@ BENCH_PPO_BATCH = 8          # the official 8 samples per AdamW step, in one bac
 # (0.04 after 200); at 1e-4 it reaches 0 within 100 steps in every round.
 BENCH_ENCODER_EPOCHS = 100
 BENCH_ENCODER_LR = 1e-4
-# D3PO's authors train at 3e-5 where ddpo-pytorch trains at 3e-4; the toy's DDPO lr is 1e-2, so
-# D3PO gets 1e-3 (docs/benchmarks.md has the lr sweep).
-BENCH_D3PO_LR = 1e-3
-# Reward-weighted denoising (update "rwr") trains the LoRA with the model's own loss, where the
-# official LoRA fine-tuning lr is 1e-4; the toy's small LoRA moves at 1e-3 (docs/benchmarks.md).
-BENCH_RWR_LR = 1e-3
+BENCH_D3PO_LR = TOY_LR["d3po"]
+BENCH_RWR_LR = TOY_LR["rwr"]
 MILESTONES = (128, 256, 512)
 TARGETS = (0.5, 0.8)
 BOOTSTRAP = 2000
@@ -373,7 +369,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ppo-timesteps", type=int, default=BENCH_PPO_TIMESTEPS,
                     help="timesteps trained per sample by PPO / D3PO, every method "
                          f"(default {BENCH_PPO_TIMESTEPS})")
-    ap.add_argument("--lr", type=float, default=1e-2,
+    ap.add_argument("--lr", type=float, default=TOY_LR["ppo"],
                     help="LoRA learning rate of the DDPO methods (toy scale)")
     ap.add_argument("--d3po-lr", type=float, default=BENCH_D3PO_LR,
                     help=f"LoRA learning rate of d3po (default {BENCH_D3PO_LR})")

@@ -27,7 +27,7 @@ def apply_runtime_args(a: argparse.Namespace) -> str:
 
 
 def demo(argv: list[str]) -> int:
-    from .experiment import ExperimentSpec, run_experiment
+    from .experiment import ExperimentSpec, run_experiment, toy_lr
     from .plots import line_plot
     from .session import METHOD_TRAITS
     from .toy import TASKS
@@ -46,8 +46,9 @@ def demo(argv: list[str]) -> int:
                     help="also measure success (on --eval-n-mid samples) every k rounds; 0 = never")
     ap.add_argument("--eval-n-mid", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the toy's)")
-    ap.add_argument("--lr", type=float, default=1e-2,
-                    help="LoRA learning rate (toy scale; the SD default is 1e-3)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="LoRA learning rate (default: the toy-scale rate of the method's update "
+                         "rule, experiment.TOY_LR; the SD default is 1e-3)")
     ap.add_argument("--method", default="hero", choices=list(METHOD_TRAITS),
                     help="hero: our recipe (default); hero-paper: the paper's settings")
     ap.add_argument("--out", default="hero_out/demo", help="output folder")
@@ -59,7 +60,8 @@ def demo(argv: list[str]) -> int:
     rounds = a.rounds if a.budget is None else max(1, a.budget // a.batch_size)
     spec = ExperimentSpec(task=a.task, method=a.method, rounds=rounds, batch_size=a.batch_size,
                           seed=a.seed, eval_n=a.eval_n, eval_n_mid=a.eval_n_mid,
-                          eval_every=a.eval_every, steps=a.steps, lr=a.lr)
+                          eval_every=a.eval_every, steps=a.steps,
+                          lr=a.lr if a.lr is not None else toy_lr(a.method))
     out = Path(a.out)
     t0 = time.time()
     res = run_experiment(spec, out, device=device, export=True)

@@ -22,6 +22,7 @@ A non-finite loss or gradient rejects the whole update as in ``policy.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -62,6 +63,8 @@ def denoise_update(denoiser: Denoiser, x0: Tensor, weights: Tensor, schedule: DD
                          "weight (a marked-good image)")
     if steps < 1 or samples_per_step < 1:
         raise ValueError("denoise steps and samples per step must be at least 1")
+    if not 0 < cfg.denoise_fraction <= 1:
+        raise ValueError(f"denoise_fraction must lie in (0, 1], got {cfg.denoise_fraction}")
     T = len(schedule.timesteps)
     dev = x0.device
     bs = max(1, min(cfg.train_batch_size, samples_per_step))
@@ -71,7 +74,10 @@ def denoise_update(denoiser: Denoiser, x0: Tensor, weights: Tensor, schedule: DD
     # weighted loss over all images, with no step spent on a zero-weight image
     p = weights.float().clamp_min(0)
     pick = torch.multinomial(p / p.sum(), total * bs, replacement=True, generator=generator)
-    t_idx = torch.randint(T, (total * bs,), generator=generator)
+    # the noisiest ceil(fraction * T) steps (index 0 is the noisiest): the content the person
+    # marked is decided there; the last steps only add the samples' fine grain
+    t_idx = torch.randint(max(1, math.ceil(cfg.denoise_fraction * T)), (total * bs,),
+                          generator=generator)
     idx = torch.zeros(n, dtype=torch.long) if index is None else index.long().cpu()
     ones = torch.ones(bs)
 

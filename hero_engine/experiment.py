@@ -24,7 +24,7 @@ from .representation import RepresentationConfig
 from .session import LORA_TARGETS, HeroConfig, Session
 
 __all__ = ["ExperimentSpec", "toy_backend", "toy_config", "evaluate", "run_experiment",
-           "diversity"]
+           "diversity", "TOY_LR", "toy_lr"]
 
 
 @dataclass
@@ -44,10 +44,7 @@ class ExperimentSpec:
     # samples per backward pass; gradient accumulation keeps the official 8 samples per AdamW
     # step (2 x 4), so a larger value computes the same update in fewer, faster passes on a CPU
     ppo_batch: int = 2
-    # toy scale: the official lr 1e-3 barely moves the 1 M-parameter toy UNet's attention LoRA
-    # within 8 rounds (success flat at 0.28 -> 0.29 on `colour`); 1e-2 moves it (0.28 -> 0.42 at
-    # 192 marks), 3e-2 diverges (0.28 -> 0.13). The encoder loss reaches 0 well before 200 epochs.
-    lr: float = 1e-2
+    lr: float = 1e-2              # the toy-scale PPO rate; toy_lr(method) gives each method's
     encoder_epochs: int = 200
     encoder_lr: float = 1e-5      # official; at 1e-5 the round-0 triplet loss needs ~200 steps
     # the official encoder (2048 -> 2048/1024/512) is sized for 4x64x64 SD latents; the toy's
@@ -82,6 +79,22 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
                           targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
                               k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
     return toy, task, be
+
+
+# The LoRA learning rate at toy scale, per update rule (the SD defaults are in PolicyConfig):
+# - ppo: the official lr 1e-3 barely moves the 1 M-parameter toy UNet's LoRA within 8 rounds;
+#   1e-2 moves it, 3e-2 diverges (docs/benchmarks.md);
+# - d3po: its authors train 10x slower than DDPO (3e-5 vs 3e-4); 3e-4 stayed flat, 3e-3
+#   collapsed a seed;
+# - rwr: the denoising loss is the model's own training loss; 1e-3 (3e-4 learns about half as
+#   fast in the same 100 steps, docs/benchmarks.md).
+TOY_LR = {"ppo": 1e-2, "d3po": 1e-3, "rwr": 1e-3}
+
+
+def toy_lr(method: str, overrides: Optional[dict] = None) -> float:
+    """The toy-scale LoRA learning rate of a method (variant): TOY_LR of its update rule."""
+    over = {k: v for k, v in (overrides or {}).items() if "." not in k}
+    return TOY_LR[HeroConfig(method=method, **over).update]
 
 
 # the official samples per AdamW step (train batch 2 x grad accumulation 4)

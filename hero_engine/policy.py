@@ -50,6 +50,8 @@ class PolicyConfig:
     epochs: int = 1           # passes over the round's chains (DDPO's num_inner_epochs; HERO: 1)
     denoise_steps: int = 100  # update "rwr": AdamW steps per round, each over
                               # train_batch_size x grad_accum marked images (denoising.py)
+    denoise_fraction: float = 0.5  # update "rwr": the noisiest share of the schedule's steps
+                                   # trained (1: all; 0.5: the upper half, content not grain)
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     d3po_beta: float = 0.1

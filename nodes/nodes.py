@@ -94,10 +94,12 @@ class HERO_Session(io.ComfyNode):
                                 tooltip="Name of the session (1-64 letters, digits, _ or -). "
                                         "A new name starts a new session; an existing one resumes."),
                 io.Combo.Input("method", options=list(HeroConfig.METHODS), default="hero",
-                               tooltip="hero (our recipe: the paper's two mechanisms plus the "
-                                       "improvements measured in docs/benchmarks.md), hero-paper "
-                                       "(the paper's settings), hero-no-guidance, ddpo-binary or "
-                                       "d3po (baselines)."),
+                               tooltip="hero (our recipe: the paper's representation and "
+                                       "guided noise, and a LoRA update that imitates every image "
+                                       "marked good so far, graded by the representation; "
+                                       "docs/benchmarks.md), hero-paper (the paper's settings: a "
+                                       "DDPO step on the learned reward), hero-no-guidance, "
+                                       "ddpo-binary, d3po or rwr-binary (baselines)."),
                 io.Int.Input("batch_size", default=8, min=2, max=256,
                              tooltip="Images per round (HERO Generate may override per round)."),
                 io.Int.Input("steps", default=20, min=1, max=200,
@@ -105,13 +107,16 @@ class HERO_Session(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance scale (HERO Generate may override)."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128,
-                             tooltip="Rank r of the LoRA on attention to_q/to_k/to_v/to_out."),
+                             tooltip="Rank r of the LoRA on the attention projections "
+                                     "(to_q/to_k/to_v/to_out) and the transformer feed-forward "
+                                     "layers."),
                 io.Float.Input("lora_alpha", default=4.0, min=0.01, max=256.0, step=0.01,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank."),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1e-1, step=1e-5,
-                               tooltip="AdamW learning rate of the LoRA policy update."),
+                               tooltip="AdamW learning rate of the LoRA update."),
                 io.Int.Input("timesteps_per_sample", default=5, min=1, max=200,
-                             tooltip="Denoising steps trained per image per round (at most steps)."),
+                             tooltip="DDPO methods (hero-paper, ddpo-binary, d3po): denoising "
+                                     "steps trained per image per round (at most steps)."),
                 io.Float.Input("beta", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Best-image ratio: share of next round's noises centred on "
                                        "the best image's noise."),
