@@ -35,16 +35,16 @@ def demo(argv: list[str]) -> int:
                                  description="A whole HERO session on the embedded toy model, "
                                              "marked by a simulated evaluator.")
     ap.add_argument("--task", default="colour", choices=sorted(TASKS))
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=None,
                     help="feedback budget in labels (overrides --rounds: rounds = budget / batch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-n", type=int, default=256,
+    ap.add_argument("--eval-n", type=int, default=128,
                     help="fresh samples for the success before and after")
-    ap.add_argument("--eval-every", type=int, default=2,
+    ap.add_argument("--eval-every", type=int, default=1,
                     help="also measure success (on --eval-n-mid samples) every k rounds; 0 = never")
-    ap.add_argument("--eval-n-mid", type=int, default=128)
+    ap.add_argument("--eval-n-mid", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the toy's)")
     ap.add_argument("--lr", type=float, default=None,
                     help="LoRA learning rate (default: the toy-scale rate of the method's update "

@@ -191,3 +191,13 @@ def test_plot_keeps_each_method_colour(tmp_path):
     (p,) = plot(runs, tmp_path)
     swatch = Image.open(p).convert("RGB").getpixel((74, 42))   # the first legend entry's line
     assert swatch == PALETTE[METHODS.index("ddpo-binary")]
+
+
+def test_each_update_rule_gets_its_toy_learning_rate():
+    from hero_engine.experiment import TOY_LR, toy_lr
+    assert toy_lr("hero") == TOY_LR["rwr"] == toy_lr("rwr-binary")
+    assert toy_lr("ddpo-binary") == TOY_LR["ppo"] == toy_lr("hero-paper")
+    assert toy_lr("d3po") == TOY_LR["d3po"]
+    # an ablation that swaps the update rule swaps the rate with it
+    assert toy_lr("hero", {"update": "ppo", "policy.epochs": 2}) == TOY_LR["ppo"]
+    assert parse_method("hero+policy.denoise_fraction=1")[1] == {"policy.denoise_fraction": 1}

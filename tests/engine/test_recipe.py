@@ -124,7 +124,8 @@ def test_hero_trains_on_every_marked_round_and_scores_extra_samples(tmp_path):
     torch.set_num_threads(1)
     be = tiny_backend()
     ev = evaluator()
-    cfg = tiny_config(method="hero", extra_ratio=1.0, guided_policy=False)
+    # the PPO variant of hero (the screened recipe with extras; hero's own update is rwr)
+    cfg = tiny_config(method="hero", extra_ratio=1.0, guided_policy=False, update="ppo")
     s = Session.create(tmp_path / "h", cfg)
     n = cfg.batch_size
     seen = []
@@ -178,7 +179,8 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     torch.set_num_threads(1)
     be = tiny_backend()
     ev = evaluator()
-    cfg = tiny_config(method="hero", fresh_ratio=0.5, extra_ratio=1.0, guided_policy=False)
+    cfg = tiny_config(method="hero", fresh_ratio=0.5, extra_ratio=1.0, guided_policy=False,
+                      update="ppo")
     s = Session.create(tmp_path / "g", cfg)
     n = cfg.batch_size
     loop.run_round(s, be, query_fn(be, ev, s))
@@ -186,7 +188,8 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     fresh = sum(1 for i in s.round_meta(1)["centre_ids"] if i == -1)
     assert fresh == n // 2
     assert m["policy_chains"] == fresh + n and m["encoder_marks"] == 2 * n
-    p = Session.create(tmp_path / "p", tiny_config(method="hero", guided_policy=False))
+    p = Session.create(tmp_path / "p", tiny_config(method="hero", guided_policy=False,
+                                                    update="ppo"))
     loop.run_round(p, be, query_fn(be, ev, p))
     m = loop.run_round(p, be, query_fn(be, ev, p))            # all guided, nothing extra
     assert "policy_chains" not in m
