@@ -217,7 +217,9 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     tile(page, 2).dblclick()        # image 3 best (mouse)
     tile(page, 3).click()           # image 4 good ...
     tile(page, 3).click()           # ... and bad again
-    kb.press("ArrowLeft"); kb.press("ArrowLeft"); kb.press("b")  # image 2 stays bad
+    kb.press("ArrowLeft")
+    kb.press("ArrowLeft")
+    kb.press("b")  # image 2 stays bad
     assert tile_state(page) == ["g", "b", "B", "b"]
     assert page.locator(".hero-overlay [data-hero=submit]").is_enabled()
     shot(page, "real_02_round0_marked")
@@ -268,7 +270,8 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     assert "Current best" in page.locator(".hero-overlay .hero-best").inner_text()
     kb = page.keyboard
     kb.press("a")                   # all good ...
-    kb.press("End"); kb.press("b")  # ... but the last; best kept
+    kb.press("End")
+    kb.press("b")  # ... but the last; best kept
     assert tile_state(page) == ["g", "g", "g", "b"]
     shot(page, "real_04_round1_current_best")
     kb.press("Enter")
@@ -361,7 +364,8 @@ def test_real_workflow_vue_nodes(real_page, real_server, checkpoint):
             btn.click()
         page.wait_for_selector(".hero-overlay .hero-tile", timeout=10_000)
         tile(page, 0).click()
-        page.keyboard.press("ArrowRight"); page.keyboard.press("s")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("s")
         assert tile_state(page) == ["g", "B", "b", "b"]
         shot(page, "real_07_vue_marked")
         page.locator(".hero-overlay [data-hero=submit]").click()
