@@ -356,7 +356,8 @@ class HERO_Train(io.ComfyNode):
                                      tooltip="The model with the session's LoRA applied."),
                      io.Image.Output("metrics", tooltip="Marks used, good rate, triplet loss and "
                                                         "reward spread per round."),
-                     SessionT.Output("session", tooltip="The session after this round's "
+                     SessionT.Output("session_out", display_name="session",
+                                     tooltip="The session after this round's "
                                                         "training: connect HERO Export LoRA (and "
                                                         "the other exports) here, so they run "
                                                         "after the training.")],
