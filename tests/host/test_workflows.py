@@ -222,3 +222,67 @@ def test_sdxl_round_is_refused_only_for_its_checkpoint(server):
                         e["extra_info"]["input_name"] == "ckpt_name" for e in errs), errs
     ck = [k for k, n in p.items() if n["class_type"] == "CheckpointLoaderSimple"]
     assert set(body["node_errors"]) == set(ck)
+
+
+# ---- node help pages and locales ----------------------------------------------------------------
+
+def _all_node_ids(object_info: dict) -> list[str]:
+    return sorted(k for k in object_info if k.startswith("HERO_"))
+
+
+def test_every_node_has_a_help_page(server):
+    """ComfyUI's front end shows WEB_DIRECTORY/docs/<node id>.md in the node's help panel."""
+    ids = _all_node_ids(server.object_info)
+    assert len(ids) == 8
+    for nid in ids:
+        p = REPO / "web" / "docs" / f"{nid}.md"
+        assert p.is_file(), nid
+        text = p.read_text()
+        title = server.object_info[nid]["display_name"]
+        assert text.startswith(f"# {title}"), (nid, text[:60])
+        # every input the node has is explained on its page
+        info = server.object_info[nid]
+        for part in ("required", "optional"):
+            for name in (info["input"].get(part) or {}):
+                assert f"**{name}**" in text, (nid, name)
+        st, body = server.get(f"/extensions/{cs.PACK_DIR_NAME}/docs/{nid}.md")
+        assert st == 200, (nid, st)
+
+
+def test_locales_match_the_nodes_and_settings(server):
+    import sys
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_locales
+    finally:
+        sys.path.pop(0)
+    en = REPO / "locales" / "en"
+    defs = json.loads((en / "nodeDefs.json").read_text())
+    assert set(defs) == set(_all_node_ids(server.object_info))
+    for nid, d in defs.items():
+        info = server.object_info[nid]
+        assert d["display_name"] == info["display_name"]
+        assert d["description"] == info["description"]
+        names = [n for part in ("required", "optional") for n in (info["input"].get(part) or {})]
+        assert set(d["inputs"]) == set(names), nid
+        for n in names:
+            spec = (info["input"].get("required") or {}).get(n) or info["input"]["optional"][n]
+            tip = spec[1].get("tooltip") if len(spec) > 1 and isinstance(spec[1], dict) else None
+            assert d["inputs"][n].get("tooltip") == tip, (nid, n)
+        assert len(d["outputs"]) == len(info["output"]), nid
+        for i, (t, shown) in enumerate(zip(info["output"], info["output_name"])):
+            if shown != t:  # 0.3.64 labels an output without display_name by its type
+                assert d["outputs"][str(i)]["name"] == shown, (nid, i)
+            tips = info.get("output_tooltips") or []
+            if i < len(tips) and tips[i]:
+                assert d["outputs"][str(i)]["tooltip"] == tips[i], (nid, i)
+    sett = json.loads((en / "settings.json").read_text())
+    js = make_locales.js_settings((REPO / "web" / "js" / "hero.js").read_text())
+    assert len(js) == 4
+    assert {k.replace(".", "_"): v for k, v in js.items()} == {k: v["name"] for k, v in sett.items()}
+    # the server merges and serves them
+    st, i18n = server.get("/i18n")
+    assert st == 200
+    assert i18n["en"]["nodeDefs"]["HERO_Train"]["outputs"]["2"]["name"] == "session"
+    assert i18n["en"]["settings"]["HERO_Sound"]["name"] == js["HERO.Sound"]
+    assert i18n["en"]["settingsCategories"]["HERO"] == "HERO"
