@@ -9,6 +9,7 @@ Run: ``COMFYUI_PATH=~/comfy/ComfyUI ~/comfy/venv/bin/python -m pytest tests/host
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -58,7 +59,9 @@ def test_manager_style_install_changes_nothing_and_nodes_register(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git not installed")
     host = tmp_path / "host"
-    pack = host / "custom_nodes" / cs.PACK_DIR_NAME
+    # a Registry install puts the pack in custom_nodes/<node id> (pyproject's name)
+    node_id = re.search(r'^name = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    pack = host / "custom_nodes" / node_id
     files = copy_pack(pack)
     assert "requirements.txt" in files and "__init__.py" in files
     py = cs.comfy_python()
@@ -86,18 +89,27 @@ def test_manager_style_install_changes_nothing_and_nodes_register(tmp_path):
                        env={"PYTHONPATH": str(shim), "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0 and "blocked by tests/host/test_install.py" in r.stderr
     ckpt = cs.cached_checkpoint()
-    srv = cs.ComfyServer(host, checkpoint=ckpt, extra_env={"PYTHONPATH": str(shim)})
-    assert not (host / "custom_nodes" / cs.PACK_DIR_NAME).is_symlink()  # the copy, not a link
+    srv = cs.ComfyServer(host, checkpoint=ckpt, extra_env={"PYTHONPATH": str(shim)},
+                         pack_name=node_id)
+    assert sorted(p.name for p in (host / "custom_nodes").iterdir()) == [node_id]  # the copy only
     srv.start()
     try:
         st, info = srv.get("/object_info")
         assert st == 200 and HERO_NODES <= set(info), sorted(k for k in info if "HERO" in k)
         log = srv.log_path.read_text(errors="replace")
-        failed = [ln for ln in log.splitlines() if "IMPORT FAILED" in ln and cs.PACK_DIR_NAME in ln]
-        assert not failed and f"custom_nodes/{cs.PACK_DIR_NAME}" in log, failed
+        failed = [ln for ln in log.splitlines() if "IMPORT FAILED" in ln and node_id in ln]
+        assert not failed and f"custom_nodes/{node_id}" in log, failed
         assert "ComfyUI-HERO failed to load" not in log
         st, ext = srv.get("/extensions")
-        assert any(e.endswith(f"/{cs.PACK_DIR_NAME}/js/hero.js") for e in ext), ext
+        assert any(e.endswith(f"/{node_id}/js/hero.js") for e in ext), ext
+        # the template browser's category is the folder name: the node id for a Registry install
+        st, tpl = srv.get("/workflow_templates")
+        assert st == 200 and set(tpl) == {node_id}, tpl
+        assert {"hero_sd15_round", "hero_sdxl_round", "hero_use_exported_lora",
+                "hero_start_from_noise"} <= set(tpl[node_id])
+        st, wf = srv.get(f"/api/workflow_templates/{node_id}/hero_sd15_round.json")
+        assert st == 200 and {n["properties"]["cnr_id"] for n in wf["nodes"]
+                              if n["type"].startswith("HERO_")} == {node_id}
         # a whole round (generate, marks from the node's text field, train, the three exports)
         h = srv.wait_history(srv.queue(order_graph(ckpt.name)), 600)
         assert h.get("status", {}).get("status_str") == "success", \

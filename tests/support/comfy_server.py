@@ -151,7 +151,8 @@ class ComfyServer:
 
     def __init__(self, base_dir: Path, checkpoint: Optional[Path] = None, port: Optional[int] = None,
                  cpath: Optional[Path] = None, extra_args: tuple = (), pack_dir: Path = REPO,
-                 startup_timeout: float = 180, extra_env: Optional[dict] = None):
+                 startup_timeout: float = 180, extra_env: Optional[dict] = None,
+                 pack_name: str = PACK_DIR_NAME):
         self.base = Path(base_dir)
         self.cpath = Path(cpath) if cpath else comfy_path()
         self.port = port or free_port()
@@ -162,7 +163,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
         for d in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        link = self.base / "custom_nodes" / PACK_DIR_NAME
+        link = self.base / "custom_nodes" / pack_name  # a Registry install uses the node id
         if not link.exists():
             link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
         if checkpoint is not None:
