@@ -150,12 +150,26 @@ def test_preferences_and_noise_latent_through_loadlatent(pack, dirs, monkeypatch
     noises = torch.load(s.round_dir(0) / "generated.pt", weights_only=False)["noises"]
     assert torch.allclose(x_t[0], noises[0].float(), atol=1e-4)  # the best first
     assert torch.allclose(x_t[1], noises[2].float(), atol=1e-4)
-    # KSamplerAdvanced without added noise runs from it
+    # KSamplerAdvanced without added noise starts from it: the UNet's first input is HERO's x_T
     pos, neg = __import__("tiny_models").make_conds("sd15")
+    seen = []
+
+    def spy(apply_model, args):
+        seen.append((args["input"].detach().clone(), args["timestep"].detach().clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m2 = mp.clone()
+    m2.set_model_unet_function_wrapper(spy)
     with torch.inference_mode():
-        out = comfy_nodes.KSamplerAdvanced().sample(mp, "disable", 0, 2, 5.0, "euler", "normal",
+        out = comfy_nodes.KSamplerAdvanced().sample(m2, "disable", 0, 2, 5.0, "euler", "normal",
                                                     pos, neg, {"samples": lat}, 0, 2, "disable")
     assert out[0]["samples"].shape == lat.shape and torch.isfinite(out[0]["samples"]).all()
+    x_first, sigma_first = seen[0]
+    assert abs(float(sigma_first.flatten()[0]) - float(ms.sigma_max)) < 1e-3
+    vp = x_first / math.sqrt(1 + float(ms.sigma_max) ** 2)
+    n = lat.shape[0]
+    assert torch.allclose(vp[:n][0], noises[0].float(), atol=1e-4)  # the best image's x_T
+    assert torch.allclose(vp[:n][1], noises[2].float(), atol=1e-4)
     t = load_file(str(inp / res["filename"]))
     assert "latent_format_version_0" in t  # LoadLatent must not rescale it
 
