@@ -357,10 +357,9 @@ class HERO_Train(io.ComfyNode):
                      io.Image.Output("metrics", tooltip="Marks used, good rate, triplet loss and "
                                                         "reward spread per round."),
                      SessionT.Output("session_out", display_name="session",
-                                     tooltip="The session after this round's "
-                                                        "training: connect HERO Export LoRA (and "
-                                                        "the other exports) here, so they run "
-                                                        "after the training.")],
+                                     tooltip="The session after this round's training: connect "
+                                             "HERO Export LoRA (and the other exports) here, so "
+                                             "they run after the training.")],
         )
 
     fingerprint_inputs = classmethod(_nan)
