@@ -2,7 +2,6 @@
 what the published archive holds (comfy-cli: git-tracked files minus .comfyignore), the publish
 workflow, comfy-cli's ruff checks, and a requirements.txt that installs nothing ComfyUI lacks."""
 import ast
-import io
 import os
 import re
 import shutil
