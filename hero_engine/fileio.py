@@ -20,12 +20,28 @@ from typing import Any
 from .locks import try_lock_file, unlock_file
 
 __all__ = ["fsync_dir", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save",
-           "remove_stale_temps", "TEMP_SUFFIX"]
+           "remove_stale_temps", "TEMP_SUFFIX", "PUBLIC_MODE", "current_umask"]
 
 TEMP_SUFFIX = ".tmp"
 _CAN_LOCK = os.name == "posix"   # Windows: no flock; an open file cannot be deleted there anyway
 _UNLOCKED_STALE_S = 3600
 _write = os.write  # tests replace it to simulate a full disk
+PUBLIC_MODE = 0o666  # files meant for other programs and users (exports): 0644 under umask 022
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux
+    ``/proc/self/status``); elsewhere set-and-restore (a tiny window, exports only)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -41,13 +57,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """On failure the temp file is removed and ``path`` is untouched."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """On failure the temp file is removed and ``path`` is untouched.
+
+    ``mode``: None keeps the temp file's private 0600 (session files); e.g. :data:`PUBLIC_MODE`
+    gives the file the permissions a plain ``open(path, "w")`` would (``mode & ~umask``), for
+    files other users and programs must read (exported LoRAs, datasets, latents)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temp(path)
     try:
         try:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(fd, mode & ~current_umask() & 0o7777)
             view = memoryview(data)
             while view:
                 view = view[_write(fd, view):]
@@ -119,8 +141,8 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> lis
     return removed
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int | None = None) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), mode=mode)
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:

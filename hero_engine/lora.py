@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .fileio import atomic_write_bytes
+from .fileio import PUBLIC_MODE, atomic_write_bytes
 
 __all__ = [
     "FAMILIES",
@@ -583,8 +583,13 @@ def kohya_metadata(state: LoraState, metadata: Mapping | None = None, title: str
 
 
 def export_kohya(state: LoraState, path: str | os.PathLike, metadata: Mapping | None = None,
-                 dtype: torch.dtype = torch.float16) -> dict:
+                 dtype: torch.dtype = torch.float16, mode: int | None = PUBLIC_MODE) -> dict:
     """Write ``state`` as a kohya LoRA safetensors file (atomic) and return the metadata written.
+
+    The file gets ``sshs_model_hash`` / ``sshs_legacy_hash`` (computed as kohya sd-scripts does,
+    ``hero_engine.publish.safetensors_hashes``) and ``modelspec.hash_sha256`` (``0x`` + the
+    SHA-256 of the tensor data, which metadata edits leave unchanged), and normal permissions
+    (``mode & ~umask``, 0644 under umask 022; ``mode=None``: private 0600).
 
     Per module: ``<kohya>.lora_down.weight`` [r, in], ``<kohya>.lora_up.weight`` [out, r] in ``dtype``,
     ``<kohya>.alpha`` 0-dim fp32 = the trained alpha, so every loader applies
@@ -610,7 +615,14 @@ def export_kohya(state: LoraState, path: str | os.PathLike, metadata: Mapping | 
         tensors[f"{k}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     md = kohya_metadata(state, metadata, title=title)
-    atomic_write_bytes(path, st_save(tensors, metadata=md))
+    from .publish import safetensors_hashes
+    for k in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
+        md.pop(k, None)  # never a caller's stale value
+    model_hash, legacy_hash = safetensors_hashes(tensors, md)
+    md["sshs_model_hash"] = model_hash
+    md["sshs_legacy_hash"] = legacy_hash
+    md["modelspec.hash_sha256"] = "0x" + model_hash
+    atomic_write_bytes(path, st_save(tensors, metadata=md), mode=mode)
     return md
 
 

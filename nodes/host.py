@@ -364,10 +364,16 @@ def _load_pending_images(session: Session, k: int, n: int) -> torch.Tensor:
 
 def generate(model, positive, negative, vae, session: Session, batch_size: int = 0,
              steps: int = 0, cfg: float = 0.0, width: int = 512, height: int = 512,
-             seed: int = 0) -> HeroBatch:
+             seed: int = 0, workflow: Optional[dict] = None) -> HeroBatch:
     """HERO_Generate: sample the round's batch with the current LoRA through ComfyUI's guider
-    (or re-use the round's stored batch after a restart)."""
+    (or re-use the round's stored batch after a restart). ``workflow``: what the node read from
+    the queued graph (``prompt``/``negative`` text, base ``checkpoint`` name), recorded for the
+    exported LoRA's card."""
     import comfy.samplers
+
+    workflow = workflow or {}
+    if workflow.get("checkpoint") and session.info.get("base_checkpoint") != workflow["checkpoint"]:
+        session.update_info(base_checkpoint=workflow["checkpoint"])
 
     family = model_family(model)
     check_vae(vae)
@@ -428,10 +434,14 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
             return img.permute(0, 3, 1, 2)
 
         out["batch"] = hero_loop.generate_round(
-            session, make_denoiser(model_wrap, extra_args), decode, schedule, shape, [],
+            session, make_denoiser(model_wrap, extra_args), decode, schedule, shape,
+            [workflow["prompt"]] if workflow.get("prompt") else [],
             device=noise.device, progress=progress, micro_batch=GENERATE_MICRO_BATCH,
             extra_meta={"cfg": cfg, "steps": steps, "width": width, "height": height,
-                        "seed": int(seed), "family": family, "host": "comfyui"})
+                        "seed": int(seed), "family": family, "host": "comfyui",
+                        "prompt_text": workflow.get("prompt") or "",
+                        "negative_text": workflow.get("negative") or "",
+                        "checkpoint": workflow.get("checkpoint") or ""})
         return out["batch"].trajectory.x0.float().to(noise.device)
 
     noise = torch.zeros((n, *shape))
@@ -594,17 +604,26 @@ def export_path(prefix: str, round_: int) -> Path:
     return root / "hero" / f"{prefix}_r{round_:04d}.safetensors"
 
 
-def export_lora(session: Session, prefix, dtype="fp16") -> dict:
-    """HERO_ExportLoRA: write the session's LoRA as a kohya file into models/loras/hero/.
+class NothingToExport(HeroHostError):
+    """The session has nothing of that kind yet (no trained round, no marks): HERO's export
+    nodes show it as a message and let the round go on; the panel's route answers 409."""
+
+
+def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dict:
+    """HERO_ExportLoRA: write the session's LoRA as a kohya file into models/loras/hero/, with
+    the metadata tools display (kohya hashes, modelspec card with the best image as thumbnail,
+    training tags from the prompts) and A1111's ``<name>.json`` sidecar beside it.
     The arguments are checked first; then, under the session lock (a round commit waits), only
     the LoRA is loaded (not the 128 MB encoder), written, and recorded as the last export."""
     import json
+    from ..hero_engine.fileio import PUBLIC_MODE, atomic_write_json
+    from ..hero_engine.publish import session_card
     prefix, dtype = check_export_args(prefix, dtype)
 
     def write(st: dict, s: Session) -> dict:
         if "lora" not in st:
-            raise HeroHostError(f"session '{s.session_id}' has no trained LoRA yet: complete a "
-                                f"round (HERO Train) before exporting")
+            raise NothingToExport(f"session '{s.session_id}' has no trained LoRA yet: the "
+                                  f"first export comes after round 0 is trained (HERO Train)")
         layout = s.info.get("lora_layout")
         if not layout:
             raise HeroHostError(f"session '{s.session_id}' does not record its model family; "
@@ -628,13 +647,63 @@ def export_lora(session: Session, prefix, dtype="fp16") -> dict:
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
                                      f"{s.round} rounds, {s.labels_used} labels"}
+        base = s.info.get("base_checkpoint") or layout.get("model", "")
+        card, sidecar = session_card(s, layout["family"], base_model=base, author=author)
+        md.update(card)
         md_written = export_kohya(state, path, md,
-                                  dtype=torch.float16 if dtype == "fp16" else torch.float32)
+                                  dtype=torch.float16 if dtype == "fp16" else torch.float32,
+                                  mode=PUBLIC_MODE)
+        side = path.with_suffix(".json")
+        atomic_write_json(side, sidecar, mode=PUBLIC_MODE)
         return {"file": f"hero/{path.name}", "path": str(path), "filename": f"hero/{path.name}",
-                "modules": len(names), "metadata": md_written}
+                "modules": len(names), "metadata": md_written, "sidecar": str(side)}
 
     res = session.export_state(write, names=("lora",))
     res.pop("file", None)
     from ..hero_engine.fileio import remove_stale_temps
     remove_stale_temps(Path(res["path"]).parent, recursive=False)  # an export killed earlier
+    return res
+
+
+# ---- the session's data for other tools --------------------------------------------------------
+
+def export_preferences(session: Session) -> dict:
+    """HERO_ExportPreferences: the marks as good-vs-bad pairs (JSONL) in the session folder,
+    ``output/hero/<id>/exports/preferences_r<round>.jsonl`` (image paths relative to it)."""
+    from ..hero_engine.publish import export_preferences as write
+    with session.locked():
+        session.refresh()
+        if not any(session.marks_for(k) is not None for k in range(session.round + 1)):
+            raise NothingToExport(f"session '{session.session_id}' has no marked round yet")
+        path = Path(session.path) / "exports" / f"preferences_r{session.round:04d}.jsonl"
+        res = write(session, path)
+    import folder_paths
+    out = Path(folder_paths.get_output_directory()).resolve()
+    try:
+        res["filename"] = str(path.resolve().relative_to(out))
+    except ValueError:
+        res["filename"] = path.name
+    res["round"] = session.round
+    return res
+
+
+def export_noise(session: Session, limit: int = 64) -> dict:
+    """HERO_ExportNoise: the best and good initial noises as ``input/hero_<id>_r<round>.latent``
+    (ComfyUI's input folder, where LoadLatent lists files)."""
+    import folder_paths
+    from ..hero_engine.publish import export_noise_latent
+    with session.locked():
+        session.refresh()
+        if session.best is None:
+            raise NothingToExport(f"session '{session.session_id}' has no best image yet: mark "
+                                  f"and train round 0 first")
+        family = (session.info.get("lora_layout") or {}).get("family")
+        if family is None:
+            raise HeroHostError(f"session '{session.session_id}' does not record its model "
+                                f"family; run HERO Generate once with the session's model")
+        name = f"hero_{session.session_id}_r{session.round:04d}.latent"
+        path = Path(folder_paths.get_input_directory()) / name
+        res = export_noise_latent(session, path, family, limit=int(limit))
+    res["filename"] = name
+    res["round"] = session.round
     return res

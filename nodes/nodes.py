@@ -39,6 +39,86 @@ def sessions_root() -> Path:
     return Path(folder_paths.get_output_directory()) / "hero"
 
 
+def _linked(prompt: dict, ref):
+    """``["7", 0]`` (a link in an API-format prompt) -> node "7", else None."""
+    if isinstance(ref, (list, tuple)) and len(ref) == 2 and isinstance(prompt, dict):
+        n = prompt.get(str(ref[0]))
+        return n if isinstance(n, dict) else None
+    return None
+
+
+def _text_of(prompt: dict, ref, depth: int = 0):
+    """The prompt text behind a CONDITIONING link: the first string ``text`` (or ``text_g``,
+    ``value``, ``string``) found walking up conditioning/text links (CLIPTextEncode, the SDXL
+    encoders, primitive string nodes, conditioning combiners), or None."""
+    node = _linked(prompt, ref)
+    if node is None or depth > 12:
+        return None
+    ins = node.get("inputs") or {}
+    for key in ("text", "text_g", "value", "string", "prompt"):
+        v = ins.get(key)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+        if isinstance(v, (list, tuple)):
+            t = _text_of(prompt, v, depth + 1)
+            if t:
+                return t
+    for key in ("conditioning", "conditioning_1", "conditioning_to", "positive", "negative"):
+        if key in ins:
+            t = _text_of(prompt, ins[key], depth + 1)
+            if t:
+                return t
+    return None
+
+
+def _checkpoint_of(prompt: dict, ref, depth: int = 0):
+    """The checkpoint (or diffusion model) file behind a MODEL link, walking up ``model``
+    inputs (LoRA loaders, patches): ``ckpt_name`` / ``unet_name``, or None."""
+    node = _linked(prompt, ref)
+    if node is None or depth > 32:
+        return None
+    ins = node.get("inputs") or {}
+    for key in ("ckpt_name", "unet_name", "model_name"):
+        if isinstance(ins.get(key), str):
+            return ins[key]
+    return _checkpoint_of(prompt, ins.get("model"), depth + 1)
+
+
+def trace_workflow(prompt, unique_id) -> dict:
+    """What HERO Generate's inputs come from in the queued graph: the positive and negative
+    prompt text and the base checkpoint's file name (for the exported LoRA's card); {} when the
+    graph is not at hand. Never raises."""
+    try:
+        me = (prompt or {}).get(str(unique_id)) or {}
+        ins = me.get("inputs") or {}
+        out = {"prompt": _text_of(prompt, ins.get("positive")),
+               "negative": _text_of(prompt, ins.get("negative")),
+               "checkpoint": _checkpoint_of(prompt, ins.get("model"))}
+        return {k: v for k, v in out.items() if v}
+    except Exception:  # noqa: BLE001 - a card detail must never fail a round
+        log.debug("HERO: could not read the workflow", exc_info=True)
+        return {}
+
+
+def runs_before_train(prompt, unique_id) -> bool:
+    """True when the queued graph has a HERO Train but this node's session input does not come
+    from it (nor its ``after`` input): ComfyUI then runs this output node first, before the
+    round's training."""
+    try:
+        me = (prompt or {}).get(str(unique_id)) or {}
+        ins = me.get("inputs") or {}
+        if not any(isinstance(n, dict) and n.get("class_type") == "HERO_Train"
+                   for n in prompt.values()):
+            return False
+        for key in ("session", "after"):
+            src = _linked(prompt, ins.get(key))
+            if src is not None and src.get("class_type") == "HERO_Train":
+                return False
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
     da, db = a.to_json(), b.to_json()
     out = []
@@ -201,6 +281,7 @@ class HERO_Generate(io.ComfyNode):
             outputs=[io.Image.Output("images", tooltip="The decoded batch, in batch order."),
                      io.Latent.Output("latent", tooltip="The batch's latents."),
                      Batch.Output("batch", tooltip="The round, for HERO Feedback and HERO Train.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     fingerprint_inputs = classmethod(_nan)
@@ -209,8 +290,10 @@ class HERO_Generate(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, session, batch_size=0, steps=0, cfg=0.0,
                 width=512, height=512, seed=0) -> io.NodeOutput:
         from . import host
+        hidden = getattr(cls, "hidden", None)
+        wf = trace_workflow(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
         b = host.generate(model, positive, negative, vae, session, batch_size, steps, cfg,
-                          width, height, seed)
+                          width, height, seed, workflow=wf)
         return io.NodeOutput(b.images, {"samples": b.latent}, b)
 
 
@@ -277,7 +360,11 @@ class HERO_Train(io.ComfyNode):
             outputs=[io.Model.Output("lora_model", display_name="model",
                                      tooltip="The model with the session's LoRA applied."),
                      io.Image.Output("metrics", tooltip="Marks used, good rate, triplet loss and "
-                                                        "reward spread per round.")],
+                                                        "reward spread per round."),
+                     SessionT.Output("session_out", display_name="session",
+                                     tooltip="The session after this round's training: connect "
+                                             "HERO Export LoRA (and the other exports) here, so "
+                                             "they run after the training.")],
         )
 
     fingerprint_inputs = classmethod(_nan)
@@ -293,7 +380,7 @@ class HERO_Train(io.ComfyNode):
             text += (f": {m.get('labels')} marks ({m.get('labels_used')}/{session.config.budget}"
                      f" used), good rate {m.get('good_rate', 0):.2f}, policy loss "
                      f"{m.get('policy_loss', float('nan')):.3g}")
-        return io.NodeOutput(r.model, plot, ui=ui.PreviewText(text))
+        return io.NodeOutput(r.model, plot, session, ui=ui.PreviewText(text))
 
 
 class HERO_ApplyLoRA(io.ComfyNode):
@@ -335,37 +422,140 @@ class HERO_ExportLoRA(io.ComfyNode):
             description=(
                 "Writes the session's LoRA as a kohya .safetensors file to "
                 "models/loras/hero/<prefix>_r<round>.safetensors (family-native names, ss_*/"
-                "modelspec/hero_* metadata). It appears in Load LoRA's list and loads in A1111, "
-                "Forge, kohya and diffusers."),
+                "modelspec/hero_* metadata, kohya hashes, the best image as thumbnail) and an "
+                "A1111 <name>.json card beside it. It appears in Load LoRA's list and loads in "
+                "A1111, Forge, kohya and diffusers. Connect its session to HERO Train's session "
+                "output so it runs after the round's training. Before any round is trained it "
+                "only shows a note; the round goes on."),
             not_idempotent=True, is_output_node=True,
             inputs=[
-                SessionT.Input("session", tooltip="From HERO Session (or after HERO Train)."),
+                SessionT.Input("session", tooltip="HERO Train's session output (the export then "
+                                                  "follows the training), or HERO Session's."),
                 io.String.Input("filename_prefix", default="hero",
                                 tooltip="File name prefix (letters, digits, _ or -); the round "
                                         "number is appended."),
                 io.Combo.Input("dtype", options=["fp16", "fp32"], default="fp16", optional=True,
                                tooltip="Tensor precision of the file."),
                 io.Model.Input("after", optional=True,
-                               tooltip="Optional: connect HERO Train's model output so the export "
-                                       "runs after the round's training."),
+                               tooltip="Optional (older workflows): HERO Train's model output, "
+                                       "which also orders the export after the training."),
+                io.String.Input("author", default="", optional=True,
+                                tooltip="Your name for the file's modelspec.author (shown by "
+                                        "model browsers)."),
             ],
             outputs=[io.String.Output("lora_name", tooltip="The file's name under models/loras "
-                                                          "(for Load LoRA).")],
+                                                          "(for Load LoRA); empty when nothing "
+                                                          "was exported.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     fingerprint_inputs = classmethod(_nan)
 
     @classmethod
-    def execute(cls, session, filename_prefix="hero", dtype="fp16", after=None) -> io.NodeOutput:
+    def execute(cls, session, filename_prefix="hero", dtype="fp16", after=None,
+                author="") -> io.NodeOutput:
         from . import host
-        res = host.export_lora(session, filename_prefix, dtype)
+        try:
+            res = host.export_lora(session, filename_prefix, dtype, author=str(author or ""))
+        except host.NothingToExport as e:
+            log.info("HERO: %s", e)
+            return io.NodeOutput("", ui=ui.PreviewText(f"nothing exported: {e}"))
+        note = ""
+        hidden = getattr(cls, "hidden", None)
+        if after is None and runs_before_train(getattr(hidden, "prompt", None),
+                                               getattr(hidden, "unique_id", None)):
+            note = ("\nnote: this prompt's HERO Train had not run yet, so this is the LoRA "
+                    "of the rounds before; connect HERO Train's session output here to export "
+                    "after the training")
         return io.NodeOutput(res["filename"], ui=ui.PreviewText(
-            f"wrote models/loras/{res['filename']} ({res['modules']} modules, round {res['round']})"))
+            f"wrote models/loras/{res['filename']} ({res['modules']} modules, round "
+            f"{res['round']}) and its A1111 card {Path(res['sidecar']).name}{note}"))
+
+
+class HERO_ExportPreferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_ExportPreferences", display_name="HERO Export Preferences",
+            category=CATEGORY,
+            description=(
+                "Writes the session's marks as a preference dataset: one JSON line per good-vs-"
+                "bad pair of every marked round (prompt, chosen/rejected image paths, Pick-a-Pic "
+                "style image_0/image_1/label_0/label_1, round, seed), to "
+                "output/hero/<session>/exports/preferences_r<round>.jsonl, for offline DPO "
+                "tools. Connect its session to HERO Train's session output. Without marks it "
+                "only shows a note."),
+            not_idempotent=True, is_output_node=True,
+            inputs=[SessionT.Input("session", tooltip="HERO Train's session output, or HERO "
+                                                      "Session's.")],
+            outputs=[io.String.Output("path", tooltip="The dataset file (empty when nothing was "
+                                                      "written).")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, session) -> io.NodeOutput:
+        from . import host
+        try:
+            res = host.export_preferences(session)
+        except host.NothingToExport as e:
+            return io.NodeOutput("", ui=ui.PreviewText(f"nothing exported: {e}"))
+        return io.NodeOutput(res["path"], ui=ui.PreviewText(
+            f"wrote output/{res['filename']}: {res['pairs']} good-vs-bad pairs from "
+            f"{res['rounds']} rounds"))
+
+
+class HERO_ExportNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HERO_ExportNoise", display_name="HERO Export Noise Latent",
+            category=CATEGORY,
+            description=(
+                "Writes the best image's initial noise and the good images' noises as "
+                "input/hero_<session>_r<round>.latent, a file ComfyUI's Load Latent reads. In a "
+                "plain workflow, Load Latent -> KSampler (Advanced) with add_noise disable and "
+                "the normal or karras scheduler starts from these noises: HERO's feedback-"
+                "guided start without HERO nodes. Without a best image it only shows a note."),
+            not_idempotent=True, is_output_node=True,
+            inputs=[SessionT.Input("session", tooltip="HERO Train's session output, or HERO "
+                                                      "Session's."),
+                    io.Int.Input("max_noises", default=16, min=1, max=256,
+                                 tooltip="At most this many noises (the best first).")],
+            outputs=[io.String.Output("latent_name", tooltip="The file's name in ComfyUI's "
+                                                             "input folder (empty when nothing "
+                                                             "was written).")],
+        )
+
+    fingerprint_inputs = classmethod(_nan)
+
+    @classmethod
+    def execute(cls, session, max_noises=16) -> io.NodeOutput:
+        from . import host
+        try:
+            res = host.export_noise(session, int(max_noises))
+        except host.NothingToExport as e:
+            return io.NodeOutput("", ui=ui.PreviewText(f"nothing exported: {e}"))
+        return io.NodeOutput(res["filename"], ui=ui.PreviewText(
+            f"wrote input/{res['filename']}: {res['noises']} noises (best first), shape "
+            f"{res['shape']}; load it with Load Latent"))
 
 
 def _panel_export(session, body: dict) -> dict:
-    """POST /hero/export (routes.register_exporter)."""
+    """POST /hero/export (routes.register_exporter): ``kind`` "lora" (default), "preferences"
+    or "noise"."""
     from . import host
+    kind = body.get("kind", "lora")
+    if kind == "preferences":
+        return host.export_preferences(session)
+    if kind == "noise":
+        lim = body.get("max_noises", 16)
+        if not isinstance(lim, int) or isinstance(lim, bool) or not 1 <= lim <= 256:
+            raise host.HeroHostError("max_noises must be a whole number from 1 to 256")
+        return host.export_noise(session, lim)
+    if kind != "lora":
+        raise host.HeroHostError(f"unknown export kind {kind!r}: use lora, preferences or noise")
     prefix = body.get("filename_prefix", body.get("prefix"))
     if prefix is None or prefix == "":
         prefix = session.session_id
@@ -375,4 +565,5 @@ def _panel_export(session, body: dict) -> dict:
     return res
 
 
-NODES = [HERO_Session, HERO_Generate, HERO_Train, HERO_ApplyLoRA, HERO_ExportLoRA]
+NODES = [HERO_Session, HERO_Generate, HERO_Train, HERO_ApplyLoRA, HERO_ExportLoRA,
+         HERO_ExportPreferences, HERO_ExportNoise]

@@ -230,6 +230,8 @@ def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistr
         except NotImplementedError as e:
             return _json(501, {"error": str(e)})
         except ValueError as e:
+            if any(c.__name__ == "NothingToExport" for c in type(e).__mro__):
+                return _json(409, {"error": str(e), "nothing": True})  # not yet: not a bad request
             return _json(400, {"error": str(e)})
         except Exception as e:  # noqa: BLE001
             if _is_session_error(e):

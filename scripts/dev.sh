@@ -22,8 +22,8 @@ setup_engine() {
     "$VENV/bin/pip" install -q torch==2.13.0
   fi
   if ! "$VENV/bin/python" -c "import diffusers, peft, safetensors, numpy, PIL, pytest, matplotlib" 2>/dev/null; then
-    log "installing requirements"
-    "$VENV/bin/pip" install -q -r requirements.txt pytest matplotlib
+    log "installing requirements-dev.txt (demo, bench, tests)"
+    "$VENV/bin/pip" install -q -r requirements.txt -r requirements-dev.txt
   fi
 }
 
@@ -50,7 +50,7 @@ setup_host() {
     log "installing ComfyUI requirements into the host venv"
     grep -vE '^(torch|torchvision|torchaudio)\b' "$COMFYUI_PATH/requirements.txt" > "$HOST_VENV/comfy-req.txt"
     "$HOST_VENV/bin/pip" install -q -r "$HOST_VENV/comfy-req.txt" torchsde \
-        -r requirements.txt pytest playwright matplotlib
+        -r requirements.txt -r requirements-dev.txt playwright
   fi
   if [ -d "$COMFYUI_OLD_PATH" ]; then
     local old_fe old_dir

@@ -59,7 +59,8 @@ def main(argv=None) -> None:
         sd = load_file(str(Path(args.init) / "toy_model.safetensors"))
         unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
         te.load_state_dict({k[13:]: v.float() for k, v in sd.items() if k.startswith("text_encoder.")})
-    unet.train(); te.train()
+    unet.train()
+    te.train()
     params = list(unet.parameters()) + list(te.parameters())
     print(f"params: unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, "
           f"text {sum(p.numel() for p in te.parameters())/1e6:.3f}M", flush=True)
@@ -94,7 +95,8 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in named.items():

@@ -69,15 +69,18 @@ def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):
 
     kb = page.keyboard
     kb.press("g")                       # 1 good
-    kb.press("ArrowRight"); kb.press("ArrowRight")
+    kb.press("ArrowRight")
+    kb.press("ArrowRight")
     kb.press("s")                       # 3 best (and good)
-    kb.press("ArrowRight"); kb.press(" ")   # 4 good ...
+    kb.press("ArrowRight")
+    kb.press(" ")  # 4 good ...
     kb.press("z")                       # ... undone
     assert tile_state(page) == ["g", "b", "B", "b", "b", "b"]
     tile(page, 1).click()               # 2 good
     tile(page, 1).click()               # 2 bad again
     tile(page, 4).dblclick()            # 5 best -> 3 just good
-    kb.press("ArrowLeft"); kb.press("b")  # focus moved to 4 by the click? keep it bad anyway
+    kb.press("ArrowLeft")
+    kb.press("b")  # focus moved to 4 by the click? keep it bad anyway
     assert tile_state(page) == ["g", "b", "g", "b", "B", "b"]
     assert submit.is_enabled()
     assert "good 3 \u00b7 bad 3 \u00b7 best #5" in page.locator(".hero-counter").inner_text()
@@ -113,7 +116,8 @@ def test_mark_round_keyboard_mouse_reload_and_errors(page, server, checkpoint):
     assert "round 1" in page.locator(".hero-title").inner_text()
     page.wait_for_selector(".hero-overlay .hero-best img")  # the current best is shown
     kb = page.keyboard
-    kb.press("End"); kb.press("g")      # 6 good, best kept (a best exists)
+    kb.press("End")
+    kb.press("g")  # 6 good, best kept (a best exists)
     assert page.locator(".hero-overlay [data-hero=submit]").is_enabled()
     shot(page, "04_round1_after_reload")
     kb.press("Enter")

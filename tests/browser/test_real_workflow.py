@@ -217,7 +217,9 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     tile(page, 2).dblclick()        # image 3 best (mouse)
     tile(page, 3).click()           # image 4 good ...
     tile(page, 3).click()           # ... and bad again
-    kb.press("ArrowLeft"); kb.press("ArrowLeft"); kb.press("b")  # image 2 stays bad
+    kb.press("ArrowLeft")
+    kb.press("ArrowLeft")
+    kb.press("b")  # image 2 stays bad
     assert tile_state(page) == ["g", "b", "B", "b"]
     assert page.locator(".hero-overlay [data-hero=submit]").is_enabled()
     shot(page, "real_02_round0_marked")
@@ -268,7 +270,8 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     assert "Current best" in page.locator(".hero-overlay .hero-best").inner_text()
     kb = page.keyboard
     kb.press("a")                   # all good ...
-    kb.press("End"); kb.press("b")  # ... but the last; best kept
+    kb.press("End")
+    kb.press("b")  # ... but the last; best kept
     assert tile_state(page) == ["g", "g", "g", "b"]
     shot(page, "real_04_round1_current_best")
     kb.press("Enter")
@@ -303,6 +306,24 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
         md = f.metadata()
         assert all(k.startswith("lora_unet_") for k in f.keys())
     assert md["hero_session_id"] == SID and md["hero_round"] == "2"
+    assert md["sshs_model_hash"] and md["modelspec.thumbnail"].startswith("data:image/jpeg")
+    assert (target.with_suffix(".json")).is_file()  # the A1111 card
+
+    # --- the sidebar's two data exports: the marks as pairs, the noises as a .latent ------------
+    with page.expect_response(lambda r: r.url.endswith("/hero/export")) as resp:
+        page.locator(f"{card} [data-hero=export-preferences]").click()
+    assert resp.value.status == 200, resp.value.text()
+    body = resp.value.json()
+    ds = Path(body["path"])
+    pairs = sum(len(marks_on_disk(srv, k)["good"]) * len(marks_on_disk(srv, k)["bad"]) for k in (0, 1))
+    assert ds.is_file() and body["pairs"] == pairs == len(ds.read_text().splitlines())
+    page.get_by_text("HERO preference pairs exported").first.wait_for(timeout=10_000)
+    with page.expect_response(lambda r: r.url.endswith("/hero/export")) as resp:
+        page.locator(f"{card} [data-hero=export-noise]").click()
+    assert resp.value.status == 200, resp.value.text()
+    lat = srv.base / "input" / resp.value.json()["filename"]
+    assert lat.is_file() and lat.name == f"hero_{SID}_r0002.latent"
+    page.get_by_text("HERO noise latent exported").first.wait_for(timeout=10_000)
     assert not our_errors(page), our_errors(page)
 
 
@@ -361,7 +382,8 @@ def test_real_workflow_vue_nodes(real_page, real_server, checkpoint):
             btn.click()
         page.wait_for_selector(".hero-overlay .hero-tile", timeout=10_000)
         tile(page, 0).click()
-        page.keyboard.press("ArrowRight"); page.keyboard.press("s")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("s")
         assert tile_state(page) == ["g", "B", "b", "b"]
         shot(page, "real_07_vue_marked")
         page.locator(".hero-overlay [data-hero=submit]").click()

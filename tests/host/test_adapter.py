@@ -270,7 +270,7 @@ def test_node_schemas(pack):
         for inp in sch.inputs:
             assert inp.tooltip, f"{sch.node_id}.{inp.id} has no tooltip"
     assert ids == {"HERO_Session", "HERO_Generate", "HERO_Train", "HERO_ApplyLoRA",
-                   "HERO_ExportLoRA"}
+                   "HERO_ExportLoRA", "HERO_ExportPreferences", "HERO_ExportNoise"}
 
 
 def test_metrics_plot(pack):
@@ -291,7 +291,8 @@ def test_inprocess_old_host():
         pytest.skip("COMFYUI_PATH is already the old host")
     env = dict(os.environ, COMFYUI_PATH=str(OLD_PATH), HERO_INPROCESS_CHILD="1")
     files = [Path(__file__), Path(__file__).parent / "test_export_diffusers.py",
-             Path(__file__).parent / "test_store_host.py"]
+             Path(__file__).parent / "test_store_host.py",
+             Path(__file__).parent / "test_publish_host.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rA", "-p", "no:cacheprovider",
                         *map(str, files)], cwd=str(REPO), env=env, capture_output=True,
                        text=True, timeout=1800)
@@ -301,7 +302,9 @@ def test_inprocess_old_host():
               "test_adapter.py::test_export_round_trip[sd15]",
               "test_export_diffusers.py::test_exported_lora_loads_in_diffusers_sd15",
               "test_store_host.py::test_fingerprint_inputs_as_comfyui_calls_it",
-              "test_store_host.py::test_panel_exports_during_real_commits"):
+              "test_store_host.py::test_panel_exports_during_real_commits",
+              "test_publish_host.py::test_preferences_and_noise_latent_through_loadlatent",
+              "test_publish_host.py::test_round0_export_wiring_on_a_server"):
         assert f"PASSED tests/host/{t}" in r.stdout, r.stdout[-3000:]
 
 

@@ -96,7 +96,7 @@ def test_panel_exports_during_real_commits(pack, dirs):
             while not stop.is_set():
                 st, body = _post(srv.url + "/hero/export", {"session": "s1"})
                 results["export"][st] = results["export"].get(st, 0) + 1
-                if st != 200 and not (st == 400 and "no trained LoRA" in body.get("error", "")):
+                if st != 200 and not (st == 409 and "no trained LoRA" in body.get("error", "")):
                     bad.append(("export", st, body))
                 if st == 200:
                     st2, summ = _get(srv.url + "/hero/session/s1")

@@ -151,17 +151,19 @@ class ComfyServer:
 
     def __init__(self, base_dir: Path, checkpoint: Optional[Path] = None, port: Optional[int] = None,
                  cpath: Optional[Path] = None, extra_args: tuple = (), pack_dir: Path = REPO,
-                 startup_timeout: float = 180):
+                 startup_timeout: float = 180, extra_env: Optional[dict] = None,
+                 pack_name: str = PACK_DIR_NAME):
         self.base = Path(base_dir)
         self.cpath = Path(cpath) if cpath else comfy_path()
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
+        self.extra_env = dict(extra_env or {})  # e.g. PYTHONPATH entries to put first
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.base / "server.log"
         for d in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        link = self.base / "custom_nodes" / PACK_DIR_NAME
+        link = self.base / "custom_nodes" / pack_name  # a Registry install uses the node id
         if not link.exists():
             link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
         if checkpoint is not None:
@@ -198,6 +200,8 @@ class ComfyServer:
         shim = self._templates_shim()
         if shim:
             env["PYTHONPATH"] = shim + os.pathsep + env.get("PYTHONPATH", "")
+        for k, v in self.extra_env.items():
+            env[k] = v + os.pathsep + env[k] if k == "PYTHONPATH" and env.get(k) else v
         self.proc = subprocess.Popen(self.command(), cwd=str(self.cpath), stdout=logf,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         logf.close()

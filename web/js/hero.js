@@ -446,13 +446,19 @@ function goodRatePlot(rates) {
   return svg;
 }
 
-async function exportSession(sid, btn) {
+const EXPORT_TITLES = { lora: "HERO LoRA exported", preferences: "HERO preference pairs exported",
+                        noise: "HERO noise latent exported" };
+
+async function exportSession(sid, btn, kind = "lora") {
   btn.disabled = true;
-  const { status, body } = await postJSON("/hero/export", { session: sid });
+  const { status, body } = await postJSON("/hero/export", kind === "lora" ? { session: sid } : { session: sid, kind });
   btn.disabled = false;
   if (status === 200) {
-    toast("success", "HERO LoRA exported", body.filename || body.path || "done");
+    const extra = kind === "preferences" ? ` (${body.pairs} pairs)` : kind === "noise" ? ` (${body.noises} noises)` : "";
+    toast("success", EXPORT_TITLES[kind] || "HERO export", (body.filename || body.path || "done") + extra);
     refreshSidebar();
+  } else if (status === 409 && body?.nothing) {
+    toast("info", "HERO: nothing to export yet", body.error || "", 6000);
   } else {
     toast("error", `HERO export failed (${status || "no answer"})`, body?.error || "", 8000);
   }
@@ -500,7 +506,15 @@ async function refreshSidebar() {
         el("button", { class: "hero-btn", "data-hero": "export", disabled: !s.good_rate?.length,
                        title: s.good_rate?.length ? "Write the LoRA to models/loras/hero/" : "Complete a round first",
                        onclick: (e) => exportSession(s.session_id, e.currentTarget) },
-           "Export LoRA"));
+           "Export LoRA"),
+        el("button", { class: "hero-btn", "data-hero": "export-preferences", disabled: !s.good_rate?.length,
+                       title: "Write the marks as good-vs-bad pairs (JSONL) into the session's exports/ folder",
+                       onclick: (e) => exportSession(s.session_id, e.currentTarget, "preferences") },
+           "Export marks"),
+        el("button", { class: "hero-btn", "data-hero": "export-noise", disabled: !s.best_url,
+                       title: "Write the best and good initial noises as input/<name>.latent for Load Latent",
+                       onclick: (e) => exportSession(s.session_id, e.currentTarget, "noise") },
+           "Export noises"));
     })].flat().filter(Boolean));
 }
 
