@@ -398,12 +398,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--flip-rate", type=float, default=None,
                     help="one simulated person only (overrides --flip-rates)")
     ap.add_argument("--out", default="hero_out/bench")
-    ap.add_argument("--report", default=None, metavar="BENCH_JSON",
-                    help="run nothing: write the table and plots of an earlier bench.json to --out")
+    ap.add_argument("--report", default=None, metavar="BENCH_JSON[,BENCH_JSON...]",
+                    help="run nothing: write the table and plots of earlier bench.json files "
+                         "(reported together, and merged into --out/bench.json) to --out")
     add_runtime_args(ap)
     a = ap.parse_args(argv)
     if a.report:
-        return report(Path(a.report), Path(a.out))
+        return report(a.report, Path(a.out))
     device = apply_runtime_args(a)
     try:
         flips = ([a.flip_rate] if a.flip_rate is not None
@@ -484,13 +485,28 @@ def _write_report(results: list[dict], meta: dict, out: Path) -> None:
     print(f"wrote {out / 'bench.md'}, {', '.join(str(p) for p in plots)}")
 
 
-def report(bench_json: Path, out: Path) -> int:
-    """Table and plots again from an earlier run's bench.json (nothing is run)."""
-    try:
-        data = json.loads(bench_json.read_text())
-        results, meta = data["runs"], data["meta"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--report needs a bench.json written by this command: {e}")
+def report(bench_json, out: Path) -> int:
+    """Table and plots again from earlier runs' bench.json (nothing is run). Several files
+    (comma-separated) are reported together: a protocol run in parts, e.g. one person at a time.
+    The meta is the first file's, with the run times added up and every command listed."""
+    files = [Path(p) for p in str(bench_json).split(",") if p]
+    results, meta = [], None
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+            runs, m = data["runs"], data["meta"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--report needs bench.json files written by this command; {f}: {e}")
+        results += runs
+        if meta is None:
+            meta = dict(m, parts=[m.get("argv")])
+        else:
+            meta["seconds"] = meta.get("seconds", 0) + m.get("seconds", 0)
+            meta["parts"].append(m.get("argv"))
+    if len(files) > 1:
+        (Path(out) / "bench.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "bench.json").write_text(json.dumps(
+            {"meta": meta, "summary": summarise(results), "runs": results}, indent=1))
     out.mkdir(parents=True, exist_ok=True)
     _write_report(results, meta, out)
     return 0

@@ -201,3 +201,29 @@ def test_each_update_rule_gets_its_toy_learning_rate():
     # an ablation that swaps the update rule swaps the rate with it
     assert toy_lr("hero", {"update": "ppo", "policy.epochs": 2}) == TOY_LR["ppo"]
     assert parse_method("hero+policy.denoise_fraction=1")[1] == {"policy.denoise_fraction": 1}
+
+
+def test_report_of_a_protocol_run_in_parts(tmp_path):
+    """Two bench.json files (e.g. one per simulated person) are reported as one run."""
+    from hero_engine.bench import report
+    exact = [run("hero", s, [0.2, 0.6, 0.9]) for s in range(2)]
+    exact += [run("ddpo-binary", s, [0.2, 0.3, 0.4]) for s in range(2)]
+    flips = [run("hero", s, [0.2, 0.5, 0.8], flip=0.1) for s in range(2)]
+    meta = {"seeds": 2, "eval_n": 64, "batch_size": 64, "budget": 128}
+    parts = []
+    for name, runs, secs in (("a", exact, 100.0), ("b", flips, 50.0)):
+        p = tmp_path / name / "bench.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({"meta": dict(meta, seconds=secs, argv=[name]), "runs": runs}))
+        parts.append(str(p))
+    out = tmp_path / "both"
+    assert report(",".join(parts), out) == 0
+    merged = json.loads((out / "bench.json").read_text())
+    assert len(merged["runs"]) == 6 and merged["meta"]["seconds"] == 150.0
+    assert merged["meta"]["parts"] == [["a"], ["b"]]
+    assert set(merged["summary"]) == {"exact", "flips 10%"}
+    md = (out / "bench.md").read_text()
+    assert md == markdown(summarise(exact + flips), merged["meta"])
+    assert "**Simulated person: flips 10%**" in md
+    with pytest.raises(SystemExit, match="bench.json"):
+        report(str(tmp_path / "nope.json"), tmp_path / "x")
