@@ -44,8 +44,9 @@ def test_toy_export_reproduces_session_model_in_diffusers(tmp_path):
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
     from hero_engine.toy import load_toy_model
 
-    spec = ExperimentSpec(task="colour", rounds=1, batch_size=8, eval_n=8, steps=6, lr=3e-2,
-                          encoder_epochs=5)
+    from hero_engine.experiment import toy_lr
+    spec = ExperimentSpec(task="colour", rounds=1, batch_size=8, eval_n=8, steps=6,
+                          lr=toy_lr("hero"), encoder_epochs=5)
     res = run_experiment(spec, tmp_path, save_grids=False, export=True, log=lambda s: None)
     # rebuild the session model: toy UNet + the session's LoRA
     from hero_engine.experiment import toy_backend
