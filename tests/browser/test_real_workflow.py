@@ -16,7 +16,6 @@ artifacts/browser/<host folder name>/real_*.png.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -39,16 +38,7 @@ LOW = {
 }
 
 
-def _hosts() -> list:
-    """COMFYUI_PATH, plus HERO_COMFYUI_OLD_PATH (default ~/comfy/ComfyUI-0.3.64) when it is there."""
-    hosts = [cs.comfy_path()]
-    old = Path(os.path.expanduser(os.environ.get("HERO_COMFYUI_OLD_PATH", "~/comfy/ComfyUI-0.3.64")))
-    if (old / "main.py").is_file() and os.path.realpath(old) != os.path.realpath(hosts[0]):
-        hosts.append(old)
-    return hosts
-
-
-@pytest.fixture(scope="module", params=_hosts(), ids=lambda p: p.name)
+@pytest.fixture(scope="module", params=cs.hosts(), ids=lambda p: p.name)
 def real_server(request, tmp_path_factory, checkpoint):
     if not (REPO / "__init__.py").is_file() or not WORKFLOW.is_file():
         pytest.skip(f"the real pack or {WORKFLOW.name} is not there yet")

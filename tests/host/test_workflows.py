@@ -8,7 +8,6 @@ Run: ``COMFYUI_PATH=~/comfy/ComfyUI ~/comfy/venv/bin/python -m pytest tests/host
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,16 +26,7 @@ def pack_version() -> str:
     return re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 
 
-def _hosts() -> list:
-    """COMFYUI_PATH, and HERO_COMFYUI_OLD_PATH (default ~/comfy/ComfyUI-0.3.64) when present."""
-    hosts = [cs.comfy_path()]
-    old = Path(os.path.expanduser(os.environ.get("HERO_COMFYUI_OLD_PATH", "~/comfy/ComfyUI-0.3.64")))
-    if (old / "main.py").is_file() and os.path.realpath(old) != os.path.realpath(hosts[0]):
-        hosts.append(old)
-    return hosts
-
-
-@pytest.fixture(scope="module", params=_hosts(), ids=lambda p: p.name)
+@pytest.fixture(scope="module", params=cs.hosts(), ids=lambda p: p.name)
 def server(request, tmp_path_factory):
     reason = cs.host_missing_reason()
     if reason:

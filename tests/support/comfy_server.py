@@ -39,6 +39,17 @@ def comfy_path() -> Path:
     return Path(os.environ.get("COMFYUI_PATH", "~/comfy/ComfyUI")).expanduser()
 
 
+def hosts() -> list[Path]:
+    """The hosts a test runs on: COMFYUI_PATH, plus HERO_COMFYUI_OLD_PATH (default
+    ~/comfy/ComfyUI-0.3.64) when it is there and is another host."""
+    out = [comfy_path()]
+    old = Path(os.path.expanduser(os.environ.get("HERO_COMFYUI_OLD_PATH",
+                                                 "~/comfy/ComfyUI-0.3.64")))
+    if (old / "main.py").is_file() and os.path.realpath(old) != os.path.realpath(out[0]):
+        out.append(old)
+    return out
+
+
 def comfy_python() -> str:
     p = os.environ.get("COMFYUI_PYTHON")
     if p:
