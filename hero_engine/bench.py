@@ -501,7 +501,7 @@ def report(bench_json, out: Path) -> int:
         if meta is None:
             meta = dict(m, parts=[m.get("argv")])
         else:
-            meta["seconds"] = meta.get("seconds", 0) + m.get("seconds", 0)
+            meta["seconds"] = (meta.get("seconds") or 0) + (m.get("seconds") or 0)
             meta["parts"].append(m.get("argv"))
     if len(files) > 1:
         (Path(out) / "bench.json").parent.mkdir(parents=True, exist_ok=True)
