@@ -71,6 +71,7 @@ def train_again(session):
     be.load_session(session)
     plan = loop.prepare_learning(session)
     popt = be.policy_optimizer(session)
-    loop.apply_policy_update(session, plan, be.denoiser(), popt)
+    loop.apply_policy_update(session, plan, be.denoiser(), popt,
+                             conditional=be.denoiser(cfg=1.0))   # as run_round does
     loop.complete_round(session, plan, be.lora_state(), popt)
     return be
