@@ -33,14 +33,16 @@ marks, _ = ev.query(batch.images, be.prompts, 1.0)
 session.record_marks(batch.round, marks)
 plan = loop.prepare_learning(session)
 popt = be.policy_optimizer(session)
-den = be.denoiser()
+den, cond = be.denoiser(), be.denoiser(cfg=1.0)   # the guided and the conditional prediction
 if mode == "kill-in-training":
-    def slow(*a, **k):
-        (path / "TRAINING").write_text("now")
-        time.sleep(0.2)
-        return den(*a, **k)
-    loop.apply_policy_update(session, plan, slow, popt)
+    def slow(f):
+        def g(*a, **k):
+            (path / "TRAINING").write_text("now")
+            time.sleep(0.2)
+            return f(*a, **k)
+        return g
+    loop.apply_policy_update(session, plan, slow(den), popt, conditional=slow(cond))
     raise SystemExit("should have been killed")
-loop.apply_policy_update(session, plan, den, popt)
+loop.apply_policy_update(session, plan, den, popt, conditional=cond)
 loop.complete_round(session, plan, be.lora_state(), popt)
 print("done")
