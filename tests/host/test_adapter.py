@@ -212,8 +212,14 @@ def test_export_round_trip(pack, dirs, kind):
         logging.getLogger().removeHandler(h)
     assert not [m for m in h.msgs if "lora key not loaded" in m], h.msgs
     assert len([k for k in loaded.patches if k.startswith("diffusion_model.")]) == len(names)
-    a, b = ksample(r.model, kind), ksample(loaded, kind)
-    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), (a - b).abs().max()
+    a, b, base = ksample(r.model, kind), ksample(loaded, kind), ksample(mp, kind)
+    # The file stores the LoRA in fp16, so the reloaded model matches to fp16 precision of the
+    # output's scale (the tiny random UNet samples values near 100), and far closer than the
+    # trained LoRA moved the sample from the base model.
+    err, effect = float((a - b).abs().max()), float((a - base).abs().max())
+    print(f"export round trip: err {err:.3g}, LoRA effect {effect:.3g}, scale {float(a.abs().max()):.3g}")
+    assert err <= 1e-3 * float(a.abs().max()), (err, effect)
+    assert err <= 0.05 * effect, (err, effect)
     # ApplyLoRA gives the same model as HERO_Train
     with torch.inference_mode():
         m3, applied = pack.host.apply_lora(mp, s, 1.0)
