@@ -107,7 +107,7 @@ def test_published_archive_holds_the_runtime_only():
     files = packed_files()
     total = sum((REPO / f).stat().st_size for f in files if (REPO / f).is_file())
     assert total < 1_000_000, (total, sorted(files, key=lambda f: -(REPO / f).stat().st_size)[:5])
-    for bad in ("tests/", "docs/", "scripts/", ".ci/", ".github/", "hero_engine/toy/weights/"):
+    for bad in ("tests/", "docs/", "scripts/", "benchmarks/", ".ci/", ".github/", "hero_engine/toy/weights/"):
         assert not [f for f in files if f.startswith(bad)], bad
     for need in ("__init__.py", "pyproject.toml", "LICENSE", "README.md", "requirements.txt",
                  "nodes/nodes.py", "nodes/routes.py", "hero_engine/session.py",
