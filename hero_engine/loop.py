@@ -87,6 +87,7 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
     if session.marks_for(k) is not None:
         raise SessionError(f"round {k} is already marked; train it (HERO_Train) before "
                            f"generating the next batch")
+    t0 = time.time()
     noises, ids = plan_initial_noise(session, tuple(latent_shape))
     gen = round_generator(session, k, "sample")
     trajs = []
@@ -106,6 +107,7 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
     session.save_generated(k, noises, traj, feats, images,
                            {"prompts": list(prompts), "centre_ids": ids.tolist(),
                             **(extra_meta or {})})
+    session.record_timing(generate_seconds=time.time() - t0, generate_images=cfg.batch_size)
     return RoundBatch(session, k, images, traj, noises)
 
 
@@ -126,6 +128,7 @@ class LearnPlan:
     marked_labels: Optional[Tensor] = None     # their marks, 1 good / 0 bad
     extra: Optional[dict] = None               # the unmarked samples of apply_policy_update
     fresh: Optional[Tensor] = None             # [B] bool: the chain started from N(0, I)
+    started: float = field(default_factory=time.time)   # when learning began (train_seconds)
 
 
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
@@ -357,8 +360,10 @@ def complete_round(session: Session, plan: LearnPlan, lora_state: dict, popt: Po
              "pool": plan.pool.cpu()}
     if plan.encoder is not None:
         state["encoder"] = plan.encoder.state_dict()
-    metrics = {**plan.metrics, **(extra_metrics or {}), "time": time.time()}
+    metrics = {**plan.metrics, **(extra_metrics or {}), "time": time.time(),
+               "train_seconds": time.time() - plan.started}
     session.complete_round(plan.round, state, metrics, plan.best, plan.marks.count)
+    session.record_timing(train_seconds=metrics["train_seconds"])
     return metrics
 
 

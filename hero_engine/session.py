@@ -511,6 +511,22 @@ class Session:
         """Set keys of ``info`` (read-modify-write of session.json under the session lock)."""
         self._update_meta(lambda m: m.setdefault("info", {}).update(kw))
 
+    def record_timing(self, **seconds: float) -> None:
+        """Remember how long the last round's phases took (``generate_seconds``,
+        ``train_seconds``, ...) in ``info.timing``: what ``next_batch_eta`` estimates from."""
+        clean = {k: round(float(v), 3) for k, v in seconds.items() if v is not None}
+        self._update_meta(lambda m: m.setdefault("info", {}).setdefault("timing", {}).update(clean))
+
+    def next_batch_eta(self) -> dict:
+        """How long the person waits after submitting marks: the last round's training plus the
+        last batch's generation (``None`` where that phase has not run yet in this session).
+        ``{"train_seconds", "generate_seconds", "seconds"}``, ``seconds`` their sum when both are
+        known."""
+        t = self.info.get("timing", {})
+        tr, gen = t.get("train_seconds"), t.get("generate_seconds")
+        return {"train_seconds": tr, "generate_seconds": gen,
+                "seconds": None if tr is None or gen is None else tr + gen}
+
     def record_export(self, file: str, **extra) -> dict:
         """Record an exported file as ``info.last_export`` {file, round, time, ...}."""
         rec = {"file": file, "round": self.round, "time": time.time(), **extra}

@@ -81,6 +81,16 @@ def _summary(session, round_idx: int, marks: Marks, how: str) -> dict:
             "good": list(marks.good), "bad": list(marks.bad), "best": marks.best, "how": how}
 
 
+def _eta(session) -> Optional[dict]:
+    """How long the next batch takes after Submit (training + generation, from the last round's
+    times): shown by the marking panel."""
+    fn = getattr(session, "next_batch_eta", None)
+    try:
+        return fn() if callable(fn) else None
+    except Exception:  # noqa: BLE001  (an estimate must never block marking)
+        return None
+
+
 class HERO_Feedback(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -156,7 +166,8 @@ class HERO_Feedback(io.ComfyNode):
                     for p in previews]
         req = _marks.REGISTRY.open_request(
             session, round_idx, n, previews, node_id=str(cls.hidden.unique_id or ""),
-            current_best=_best_view(session), has_current_best=has_best)
+            current_best=_best_view(session), has_current_best=has_best,
+            meta={"eta": _eta(session)})
         if req.state == "answered":
             return done(req.marks, "on disk")
         PromptServer.instance.send_sync("hero.request", req.to_json())

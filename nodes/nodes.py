@@ -294,7 +294,23 @@ class HERO_Generate(io.ComfyNode):
         wf = trace_workflow(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
         b = host.generate(model, positive, negative, vae, session, batch_size, steps, cfg,
                           width, height, seed, workflow=wf)
-        return io.NodeOutput(b.images, {"samples": b.latent}, b)
+        if b.reused:
+            text = f"round {b.round}: the {b.size} images generated before (re-used)"
+        else:
+            secs = session.info.get("timing", {}).get("generate_seconds")
+            text = f"round {b.round}: {b.size} images" + (f" in {secs:.1f} s" if secs else "")
+        return io.NodeOutput(b.images, {"samples": b.latent}, b, ui=ui.PreviewText(text))
+
+
+def phase_times(m: dict) -> str:
+    """'took 41.2 s: representation 12.0 s, update 25.1 s' from a round's metrics."""
+    parts = [(name, m.get(key)) for name, key in (("representation", "encoder_seconds"),
+                                                  ("extra samples", "extra_seconds"),
+                                                  ("update", "policy_seconds"))]
+    inner = ", ".join(f"{n} {v:.1f} s" for n, v in parts if isinstance(v, (int, float)) and v > 0)
+    total = m.get("train_seconds")
+    head = f"took {total:.1f} s" if isinstance(total, (int, float)) else "took"
+    return head + (f": {inner}" if inner else "")
 
 
 # ---- metrics plot --------------------------------------------------------------------------------
@@ -379,7 +395,7 @@ class HERO_Train(io.ComfyNode):
         if r.trained:
             text += (f": {m.get('labels')} marks ({m.get('labels_used')}/{session.config.budget}"
                      f" used), good rate {m.get('good_rate', 0):.2f}, policy loss "
-                     f"{m.get('policy_loss', float('nan')):.3g}")
+                     f"{m.get('policy_loss', float('nan')):.3g}; {phase_times(m)}")
         return io.NodeOutput(r.model, plot, session, ui=ui.PreviewText(text))
 
 

@@ -201,6 +201,10 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     assert req["round"] == 0 and req["n"] == 4 and req["current_best"] is None
     assert page.locator(".hero-overlay .hero-nobest").count() == 1
     assert page.locator(".hero-overlay [data-hero=submit]").is_disabled()
+    # round 0: only HERO Generate has been timed; the training time is known after this round
+    assert req["eta"]["generate_seconds"] > 0 and req["eta"]["train_seconds"] is None
+    eta0 = page.locator(".hero-overlay [data-hero=eta]").inner_text()
+    assert "timed after the first round" in eta0 and "generating" in eta0, eta0
     shot(page, "real_01_round0_panel")
     kb = page.keyboard
     kb.press("g")                   # image 1 good (keyboard)
@@ -245,7 +249,8 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
                            timeout=20_000)
     status = page.eval_on_selector_all(".hero-status", "bs => bs.map(b => b.textContent)")
     assert any("session browser_real: created, round 0" in t for t in status), status
-    assert any("policy loss" in t for t in status), status  # HERO Train's report
+    assert any("policy loss" in t and "took" in t and "update" in t for t in status), status
+    assert any("round 0: 4 images in" in t for t in status), status  # HERO Generate's report
     show_node(page, "HERO_Train", dx=120, dy=60)
     shot(page, "real_03_round0_trained")
 
@@ -258,6 +263,10 @@ def test_real_workflow_round(real_page, real_server, checkpoint):
     page.wait_for_function("document.querySelector('.hero-overlay .hero-best img')?.naturalWidth > 0",
                            timeout=15_000)
     assert "Current best" in page.locator(".hero-overlay .hero-best").inner_text()
+    # round 1: the wait after Submit = round 0's training + this batch's generation
+    assert req["eta"]["train_seconds"] > 0 and req["eta"]["generate_seconds"] > 0
+    eta1 = page.locator(".hero-overlay [data-hero=eta]").inner_text()
+    assert eta1.startswith("next batch about ") and "training" in eta1, eta1
     kb = page.keyboard
     kb.press("a")                   # all good ...
     kb.press("End")

@@ -164,3 +164,28 @@ def test_config_validation():
         HeroConfig(batch_size=1).validate()
     c = HeroConfig.from_json(tiny_config().to_json())
     assert c == tiny_config()
+
+
+def test_next_batch_eta_from_the_last_round(tmp_path):
+    """The wait after Submit is the last round's training plus the last batch's generation,
+    kept in session.json across a restart."""
+    torch.set_num_threads(1)
+    s = Session.create(tmp_path / "eta", tiny_config())
+    assert s.next_batch_eta() == {"train_seconds": None, "generate_seconds": None, "seconds": None}
+    be = tiny_backend()
+    ev = evaluator()
+    b = loop.generate_round(s, be.denoiser(), be.decode, be.schedule(s.config.steps),
+                            be.latent_shape, be.prompts)
+    eta = s.next_batch_eta()
+    assert eta["generate_seconds"] > 0 and eta["train_seconds"] is None and eta["seconds"] is None
+    marks, _ = ev.query(b.images, be.prompts * b.size, None)
+    s.record_marks(b.round, marks)
+    plan = loop.prepare_learning(s)
+    popt = be.policy_optimizer(s)
+    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
+    m = loop.complete_round(s, plan, be.lora_state(), popt)
+    eta = Session.open(s.path).next_batch_eta()
+    assert eta["train_seconds"] == pytest.approx(m["train_seconds"], abs=1e-3)
+    assert m["train_seconds"] >= m["policy_seconds"] > 0
+    assert eta["seconds"] == pytest.approx(eta["train_seconds"] + eta["generate_seconds"])
+    assert s.history[-1]["train_seconds"] == m["train_seconds"]

@@ -3,7 +3,7 @@
 // Marks API: docs/marks_api.md.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
-import { MarkState, moveFocus } from "./hero_rules.js";
+import { MarkState, moveFocus, etaText } from "./hero_rules.js";
 
 const EXT = "ComfyUI.HERO";
 const NODE_CLASS = "HERO_Feedback";
@@ -263,6 +263,7 @@ class Overlay {
     this.grid = el("div", { class: "hero-grid", style: `--hero-thumb:${thumb}px` }, this.tiles);
     this.counter = el("div", { class: "hero-counter" });
     this.reason = el("div", { class: "hero-reason", role: "status" });
+    this.eta = el("div", { class: "hero-help hero-eta", "data-hero": "eta", text: etaText(r.eta) });
     this.submitBtn = el("button", { class: "hero-btn hero-primary", "data-hero": "submit",
                                     onclick: () => this.submit() }, "Submit (Enter)");
     const best = r.current_best
@@ -287,7 +288,7 @@ class Overlay {
             el("button", { class: "hero-btn", "data-hero": "close", onclick: () => this.close("user") }, "Close (Esc)"))),
         el("div", { class: "hero-body" }, this.grid, best),
         el("div", { class: "hero-foot" }, this.counter, this.reason, this.submitBtn),
-        help));
+        this.eta, help));
     document.body.appendChild(this.root);
     this.render();
     this.root.focus?.();
@@ -373,7 +374,8 @@ class Overlay {
       answered.set(String(this.req.node), { session: this.req.session, round: this.req.round,
         good: this.state.payload("").good, best: c.best });
       toast("success", "HERO marks saved",
-            `Round ${this.req.round} of "${this.req.session}": ${body.saved} images marked. Training continues.`);
+            `Round ${this.req.round} of "${this.req.session}": ${body.saved} images marked. Training continues` +
+            (etaText(this.req.eta) ? `; ${etaText(this.req.eta)}.` : "."));
       this.submittedHere = true;
       dropRequest(this.req.token, "saved");
       return;

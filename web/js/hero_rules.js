@@ -109,3 +109,26 @@ export function moveFocus(i, key, cols, n) {
     default: return i;
   }
 }
+
+// "1 min 5 s" for 65 seconds (whole seconds; minutes and hours above a minute / an hour).
+export function formatSeconds(s) {
+  s = Math.max(0, Math.round(Number(s) || 0));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min` + (s % 60 ? ` ${s % 60} s` : "");
+  const m = Math.round((s % 3600) / 60);
+  return `${Math.floor(s / 3600)} h` + (m ? ` ${m} min` : "");
+}
+
+// The wait after Submit, from the request's eta {train_seconds, generate_seconds, seconds}
+// (the last round's times, nodes/feedback.py): "" when nothing is known yet.
+export function etaText(eta) {
+  if (!eta) return "";
+  const tr = eta.train_seconds, gen = eta.generate_seconds;
+  if (tr != null && gen != null) {
+    return `next batch about ${formatSeconds(tr + gen)} after Submit ` +
+           `(training ${formatSeconds(tr)} + generating ${formatSeconds(gen)}, as last round)`;
+  }
+  if (gen != null) return `after Submit: training (timed after the first round), then about ${formatSeconds(gen)} generating`;
+  if (tr != null) return `after Submit: about ${formatSeconds(tr)} training, then generating`;
+  return "";
+}

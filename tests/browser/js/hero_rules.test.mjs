@@ -1,7 +1,7 @@
 // node --test tests/browser/js
 import test from "node:test";
 import assert from "node:assert/strict";
-import { MarkState, moveFocus } from "../../../web/js/hero_rules.js";
+import { MarkState, moveFocus, formatSeconds, etaText } from "../../../web/js/hero_rules.js";
 
 test("round 0 needs good, bad and a best", () => {
   const s = new MarkState(4);
@@ -48,4 +48,16 @@ test("grid focus moves", () => {
   assert.equal(moveFocus(7, "ArrowDown", 4, 10), 7);
   assert.equal(moveFocus(5, "ArrowUp", 4, 10), 1);
   assert.equal(moveFocus(5, "End", 4, 10), 9);
+});
+
+test("the wait after Submit is estimated from the last round's times", () => {
+  assert.equal(formatSeconds(5.4), "5 s");
+  assert.equal(formatSeconds(65), "1 min 5 s");
+  assert.equal(formatSeconds(120), "2 min");
+  assert.equal(formatSeconds(3720), "1 h 2 min");
+  assert.equal(etaText(null), "");
+  assert.equal(etaText({ train_seconds: null, generate_seconds: null, seconds: null }), "");
+  assert.equal(etaText({ train_seconds: 40, generate_seconds: 25, seconds: 65 }),
+               "next batch about 1 min 5 s after Submit (training 40 s + generating 25 s, as last round)");
+  assert.ok(etaText({ train_seconds: null, generate_seconds: 25, seconds: null }).includes("about 25 s generating"));
 });
