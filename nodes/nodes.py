@@ -216,6 +216,12 @@ class HERO_Session(io.ComfyNode):
                                          "state before opening it. Marks are never deleted (see "
                                          "docs/session_store.md). Off: a damaged session stops "
                                          "with a message naming the file."),
+                io.Int.Input("update_steps", default=PolicyConfig.denoise_steps, min=1, max=10000,
+                             optional=True,
+                             tooltip="hero's LoRA update: denoising steps on the images marked "
+                                     "good so far, per round (8 images a step). More steps learn "
+                                     "more from each mark and take longer; lower it on CPU. The "
+                                     "PPO/D3PO methods (hero-paper, ddpo-binary, d3po) ignore it."),
             ],
             outputs=[SessionT.Output("session", tooltip="The open session, for the other HERO nodes.")],
         )
@@ -225,14 +231,16 @@ class HERO_Session(io.ComfyNode):
     @classmethod
     def execute(cls, session_id, method="hero", batch_size=8, steps=20, cfg=5.0, lora_rank=4,
                 lora_alpha=4.0, learning_rate=1e-3, timesteps_per_sample=5, beta=0.5,
-                epsilon=0.1, budget=512, encoder_epochs=500, seed=0, repair=False) -> io.NodeOutput:
+                epsilon=0.1, budget=512, encoder_epochs=500, seed=0, repair=False,
+                update_steps=PolicyConfig.denoise_steps) -> io.NodeOutput:
         session_id = str(session_id).strip()
         config = HeroConfig(method=method, batch_size=int(batch_size), steps=int(steps),
                             cfg=float(cfg), beta=float(beta), epsilon=float(epsilon),
                             lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
                             budget=int(budget), seed=int(seed),
                             policy=PolicyConfig(lr=float(learning_rate),
-                                                timesteps_per_sample=int(timesteps_per_sample)),
+                                                timesteps_per_sample=int(timesteps_per_sample),
+                                                denoise_steps=int(update_steps)),
                             representation=RepresentationConfig(epochs=int(encoder_epochs)))
         s, created, diff = open_session(session_id, config, repair=bool(repair))
         lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "

@@ -128,9 +128,9 @@ class Graph:
 
 def _session_widgets(batch: int) -> list:
     # session_id, method, batch_size, steps, cfg, lora_rank, lora_alpha, learning_rate,
-    # timesteps_per_sample, beta, epsilon, budget, encoder_epochs, seed, repair
+    # timesteps_per_sample, beta, epsilon, budget, encoder_epochs, seed, repair, update_steps
     return ["my_hero_session", "hero", batch, 20, 5.0, 4, 4.0, 0.001, 5, 0.5, 0.1, 512, 500, 0,
-            False]
+            False, 100]
 
 
 def round_graph(family: str) -> Graph:

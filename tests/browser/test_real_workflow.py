@@ -32,7 +32,7 @@ GEN_TIMEOUT = 300  # s: the first round loads the checkpoint and samples on CPU
 # widget values (by name) that keep a round small on CPU
 LOW = {
     "HERO_Session": {"session_id": SID, "batch_size": 4, "steps": 2, "encoder_epochs": 2,
-                     "timesteps_per_sample": 2, "budget": 64},
+                     "timesteps_per_sample": 2, "budget": 64, "update_steps": 4},
     "HERO_Generate": {"batch_size": 4, "steps": 2, "width": 64, "height": 64},
     "HERO_Feedback": {"timeout": 600},
 }
@@ -122,7 +122,7 @@ def wait_for(page, srv, selector, timeout_s, what):
                 raise AssertionError(f"{what}: {selector} not there after {timeout_s} s\n{srv.log_tail(40)}")
 
 
-def wait_round_done(srv, k, timeout_s=300):
+def wait_round_done(srv, k, timeout_s=600):
     deadline = time.monotonic() + timeout_s
     while next_round(srv) <= k:
         errs = history_errors(srv)

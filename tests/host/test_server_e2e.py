@@ -32,7 +32,8 @@ def round_graph(ckpt: str, encoder_epochs: int = 10) -> dict:
         "4": {"class_type": "HERO_Session", "inputs": {
             "session_id": SID, "method": "hero", "batch_size": 4, "steps": 2, "cfg": 5.0,
             "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 0.01, "timesteps_per_sample": 1,
-            "beta": 0.5, "epsilon": 0.1, "budget": 64, "encoder_epochs": encoder_epochs, "seed": 1}},
+            "beta": 0.5, "epsilon": 0.1, "budget": 64, "encoder_epochs": encoder_epochs, "seed": 1,
+            "update_steps": 4}},
         "5": {"class_type": "HERO_Generate", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2],
             "session": ["4", 0], "batch_size": 0, "steps": 0, "cfg": 0.0, "width": 64, "height": 64,

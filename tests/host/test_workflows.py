@@ -153,7 +153,8 @@ def test_examples_run(server):
         if n["class_type"] == "CheckpointLoaderSimple":
             ins["ckpt_name"] = srv.ckpt.name
         if n["class_type"] == "HERO_Session":
-            ins.update(batch_size=4, steps=2, encoder_epochs=2, timesteps_per_sample=1)
+            ins.update(batch_size=4, steps=2, encoder_epochs=2, timesteps_per_sample=1,
+                       update_steps=4)
         if n["class_type"] == "HERO_Generate":
             ins.update(width=64, height=64)
         if n["class_type"] == "HERO_Feedback":
