@@ -203,12 +203,13 @@ function attachNodePanel(node) {
 }
 
 // ---- status text of the other HERO nodes ---------------------------------------------------------
-// HERO_Session / Train / ApplyLoRA / ExportLoRA return their one-line report as ui.text (e.g. "wrote
+// HERO_Session / Generate / Train / ApplyLoRA / ExportLoRA return their one-line report as ui.text (e.g. "wrote
 // models/loras/hero/x_r0003.safetensors", "kept the session's own settings for: ..."); the front end
 // does not draw ui.text on a node by itself, so it goes into a small read-only box, made on the
 // node's first report (nodes that never ran keep their saved size).
 
-const STATUS_CLASSES = new Set(["HERO_Session", "HERO_Train", "HERO_ApplyLoRA", "HERO_ExportLoRA"]);
+const STATUS_CLASSES = new Set(["HERO_Session", "HERO_Generate", "HERO_Train", "HERO_ApplyLoRA",
+                                "HERO_ExportLoRA"]);
 
 function showStatus(nodeId, text) {
   const node = findNode(nodeId);
