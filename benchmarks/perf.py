@@ -141,20 +141,10 @@ def comfy_conds(kind: str, width: int, height: int):
     return out
 
 
-class StubVAE:
-    """Decodes a latent by upsampling its first 3 channels (VAE cost is not what is compared)."""
-
-    def decode(self, samples):
-        x = torch.nn.functional.interpolate(samples[:, :3].float(), scale_factor=8, mode="nearest")
-        return (x.tanh() * 0.5 + 0.5).permute(0, 2, 3, 1).contiguous()
-
-    def spacial_compression_decode(self):
-        return 8
-
-
 def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
     import nodes as comfy_nodes   # ComfyUI's nodes.py
     from support.pack_import import import_pack_module
+    from tiny_models import TinyVAE   # decodes by upsampling: VAE cost is not what is compared
     host = import_pack_module("nodes.host")
     S = import_pack_module("hero_engine.session")
     P = import_pack_module("hero_engine.policy")
@@ -180,7 +170,7 @@ def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
 
     def generate():
         with torch.inference_mode():
-            return host.generate(mp, pos, neg, StubVAE(), session, width=w, height=h, seed=1)
+            return host.generate(mp, pos, neg, TinyVAE(), session, width=w, height=h, seed=1)
 
     batch, t_gen, m_gen = timed(device, generate)
     n = batch.size
