@@ -2,6 +2,7 @@
 diffusers SD pipeline's UNet). The ComfyUI backend lives in ``nodes/host.py``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -86,6 +87,19 @@ class DiffusersBackend:
         if "policy_opt" in st:
             popt.load_state_dict(st["policy_opt"])
         return popt
+
+    @contextlib.contextmanager
+    def training(self, config):
+        """The update's memory modes on this UNet (memory.py): with ``gradient_checkpointing``
+        diffusers recomputes each block's activations in the backward pass."""
+        on = bool(config.gradient_checkpointing)
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if on:
+                self.unet.disable_gradient_checkpointing()
 
     # -- sampling
     def schedule(self, steps: int) -> DDIMSchedule:

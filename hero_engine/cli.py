@@ -35,7 +35,8 @@ def demo(argv: list[str]) -> int:
                                  description="A whole HERO session on the embedded toy model, "
                                              "marked by a simulated evaluator.")
     ap.add_argument("--task", default="colour", choices=sorted(TASKS))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of --batch-size marks (default 2: under 3 minutes on 2 CPU cores)")
     ap.add_argument("--budget", type=int, default=None,
                     help="feedback budget in labels (overrides --rounds: rounds = budget / batch)")
     ap.add_argument("--batch-size", type=int, default=64)

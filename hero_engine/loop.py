@@ -13,11 +13,12 @@ round re-run after a crash draws exactly what the interrupted run drew.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
 from .denoising import denoise_update
+from .memory import GiB, UpdateOutOfMemory, is_oom, oom_advice, resolve_micro_batch
 from .policy import PolicyOptimizer, d3po_update, ppo_update
 from .representation import RepresentationTrainer
 from .reward import (advantages, binary_reward, denoising_weights, mark_anchored_reward,
@@ -129,6 +131,7 @@ class LearnPlan:
     extra: Optional[dict] = None               # the unmarked samples of apply_policy_update
     fresh: Optional[Tensor] = None             # [B] bool: the chain started from N(0, I)
     started: float = field(default_factory=time.time)   # when learning began (train_seconds)
+    device: Any = "cpu"                        # where the denoiser runs (the chains may not)
 
 
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
@@ -147,8 +150,12 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
                            f"it cannot be trained")
     st = session.load_state()
     sched = DDIMSchedule(gen_data["timesteps"], gen_data["alpha_bars"])
-    traj = Trajectory(gen_data["latents"].to(device).float(), gen_data["log_probs"].to(device),
-                      sched, gen_data["eta"])
+    # chains_on "cpu" (memory.py): the chains stay in host memory in their stored precision
+    # (fp16; exact in fp32, so the PPO ratio is still 1), one micro-batch moving at a time
+    lat = gen_data["latents"]
+    if cfg.policy.chains_on != "cpu":
+        lat = lat.to(device).float()
+    traj = Trajectory(lat, gen_data["log_probs"].to(lat.device), sched, gen_data["eta"])
     n = len(traj)
     feats = gen_data["features"].float()
     marks.validate(n, "best" in st)
@@ -211,7 +218,7 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
                    bad_above_mean=(adv[list(marks.bad)] > 0).float().mean().item())
     return LearnPlan(k, marks, traj, rewards, adv, best, best_feature, best_noise, pool, encoder,
                      metrics, marked_features=all_feats, marked_labels=all_y,
-                     fresh=_fresh_chains(session, k, n))
+                     fresh=_fresh_chains(session, k, n), device=torch.device(device))
 
 
 def add_extra_samples(session: Session, plan: LearnPlan, denoiser: Denoiser,
@@ -220,7 +227,7 @@ def add_extra_samples(session: Session, plan: LearnPlan, denoiser: Denoiser,
     scored by the representation (extra_samples.py) -> (their chains, their rewards)."""
     cfg = session.config
     traj = plan.trajectory
-    dev = traj.latents.device
+    dev = plan.device
     cb = None if progress is None else (lambda i, n: progress("extra samples", i, n))
     t0 = time.time()
     m = cfg.extra_samples(len(traj))
@@ -255,11 +262,13 @@ def policy_batch(session: Session, plan: LearnPlan, denoiser: Denoiser,
     if len(keep) == n and not want_extra:
         return traj, plan.advantages
     dev = traj.latents.device
-    parts_l, parts_p, parts_r = [traj.latents[keep.to(dev)]], [traj.log_probs[keep.to(dev)]], \
-        [rewards[keep]]
+    # fp32 when extra chains join: they were scored on their fp32 chain (PPO ratio exactly 1)
+    dtype = torch.float32 if want_extra else traj.latents.dtype
+    parts_l, parts_p, parts_r = [traj.latents[keep.to(dev)].to(dtype)], \
+        [traj.log_probs[keep.to(traj.log_probs.device)]], [rewards[keep]]
     if want_extra:
         extra, r_extra = add_extra_samples(session, plan, denoiser, progress)
-        parts_l.append(extra.latents.to(dev, traj.latents.dtype))
+        parts_l.append(extra.latents.to(dev, dtype))
         parts_p.append(extra.log_probs.to(traj.log_probs.device))
         parts_r.append(r_extra)
     plan.metrics["policy_chains"] = sum(len(x) for x in parts_r)
@@ -274,7 +283,7 @@ def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
     ``extra_ratio`` unmarked samples with the representation's soft labels."""
     cfg = session.config
     traj = plan.trajectory
-    dev = traj.latents.device
+    dev = plan.device
     past_x0, past_y = session.marked_history(plan.round, what="x0")
     y_now = torch.zeros(len(traj))
     y_now[list(plan.marks.good)] = 1.0
@@ -310,30 +319,95 @@ def _fresh_chains(session: Session, k: int, n: int) -> Optional[Tensor]:
 
 def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
                         popt: PolicyOptimizer, progress: Progress = None,
-                        conditional: Optional[Denoiser] = None) -> dict:
+                        conditional: Optional[Denoiser] = None, host: bool = False) -> dict:
     """Step 6 through the backend's denoiser, by the method's ``update`` trait: PPO over
     ``policy_batch`` (the marked batch and, with the ``extra_ratio`` trait, the unmarked samples
     the representation scores), D3PO over good-bad pairs, or reward-weighted denoising over
     ``denoising_set``, which trains the ``conditional`` prediction eps(x, t, c) (no guidance;
-    default ``denoiser``) as LoRA fine-tuning does."""
+    default ``denoiser``) as LoRA fine-tuning does. The micro-batch follows the memory settings
+    (memory.py); out of memory, the LoRA is kept and ``UpdateOutOfMemory`` names the fix."""
+    cfg = session.config
+    pcfg = popt.config
+    probe_box: dict = {}
+    try:
+        m = _policy_update(session, plan, denoiser, popt, progress, conditional, probe_box)
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+        mb = probe_box.get("micro_batch", pcfg.train_batch_size)
+        chain = plan.trajectory.latents.numel() * 4 if pcfg.chains_on != "cpu" else 0
+        raise UpdateOutOfMemory(
+            f"out of {plan.device.type.upper()} memory in the LoRA update of round {plan.round} "
+            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Change "
+            f"in HERO Session: {oom_advice(pcfg, mb, chain, probe_box.get('probe'), host)}; "
+            f"then queue the prompt again to train the round.") from None
+    finally:
+        popt.config = pcfg
+    plan.metrics.update(m)
+    return m
+
+
+def _probe_pass(denoiser: Denoiser, plan: LearnPlan, pcfg, kind: str, x0: Optional[Tensor]
+                ) -> Callable[[int], None]:
+    """A forward + backward of ``b`` images as the update makes them (for memory.probe_cuda)."""
+    from .denoising import denoising_loss
+    from .policy import _autocast
+    from .sampling import trajectory_log_prob
+    traj, dev = plan.trajectory, plan.device
+
+    def run(b: int) -> None:
+        b = min(b, len(traj) if x0 is None else len(x0))
+        idx = torch.arange(b)
+        with _autocast(pcfg, dev):
+            if kind == "rwr":
+                step = torch.zeros(b, dtype=torch.long)
+                noise = torch.zeros((b, *x0.shape[1:]), device=dev)
+                out = denoising_loss(denoiser, x0[:b].to(dev), torch.ones(b), traj.schedule,
+                                     step, noise, torch.zeros(b, dtype=torch.long, device=dev))
+            else:
+                out = trajectory_log_prob(denoiser, traj, idx, torch.zeros(b, dtype=torch.long),
+                                          dev).sum()
+        out.float().backward()
+    return run
+
+
+def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: PolicyOptimizer,
+                   progress: Progress, conditional: Optional[Denoiser], probe_box: dict) -> dict:
     cfg = session.config
     gen = round_generator(session, plan.round, "policy")
     cb = None if progress is None else (lambda i, n: progress("train", i, n))
     t0 = time.time()
+    mem: dict = {}
+
+    def size_micro_batch(kind: str, den: Denoiser, x0: Optional[Tensor] = None) -> None:
+        pcfg = popt.config
+        run = _probe_pass(den, plan, pcfg, kind, x0) if pcfg.micro_batch == 0 else None
+        popt.config, probe = resolve_micro_batch(pcfg, plan.device, run)
+        popt.opt.zero_grad(set_to_none=True)     # the probe's gradients are not a step
+        probe_box.update(micro_batch=popt.config.train_batch_size, probe=probe)
+        mem["train_micro_batch"] = popt.config.train_batch_size
+        if probe is not None:
+            mem.update(probe_per_image_gib=probe.per_image / GiB, probe_free_gib=probe.free / GiB)
+
     if cfg.update == "d3po":
+        size_micro_batch("ppo", denoiser)
         m = d3po_update(denoiser, plan.trajectory, list(plan.marks.good), list(plan.marks.bad),
-                        popt, gen, cb)
+                        popt, gen, cb, device=plan.device)
     elif cfg.update == "rwr":
         if cfg.extra_samples(len(plan.trajectory)) > 0 and plan.encoder is not None:
             add_extra_samples(session, plan, denoiser, progress)
         x0, w = denoising_set(session, plan)
-        pcfg = popt.config
-        m = denoise_update(conditional or denoiser, x0, w, plan.trajectory.schedule, popt, gen,
-                           pcfg.denoise_steps, pcfg.train_batch_size * pcfg.grad_accum,
-                           callback=cb)
+        den = conditional or denoiser
+        n_step = popt.config.train_batch_size * popt.config.grad_accum
+        size_micro_batch("rwr", den, x0)
+        m = denoise_update(den, x0, w, plan.trajectory.schedule, popt, gen,
+                           popt.config.denoise_steps, n_step, callback=cb)
         m.update(denoise_images=int((w > 0).sum()), denoise_pool=len(w))
     else:
         traj, adv = policy_batch(session, plan, denoiser, progress)
+        size_micro_batch("ppo", denoiser)
         pcfg = popt.config
         # as many AdamW steps as the marked batch alone would take, each over more (or fewer)
         # samples: extra samples sharpen the gradient, they do not lengthen the step
@@ -341,13 +415,10 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
         if grow != 1:
             popt.config = dataclasses.replace(
                 pcfg, grad_accum=max(1, round(pcfg.grad_accum * grow)))
-        try:
-            m = ppo_update(denoiser, traj, adv, popt, gen, cb)
-        finally:
-            popt.config = pcfg
+        m = ppo_update(denoiser, traj, adv, popt, gen, cb, device=plan.device)
     m = {f"policy_{k}": v for k, v in m.items()}
     m["policy_seconds"] = time.time() - t0
-    plan.metrics.update(m)
+    m.update(mem)
     return m
 
 
@@ -382,8 +453,10 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     t1 = time.time()
     plan = prepare_learning(session, backend.device, best_score=best_score, progress=progress)
     popt = backend.policy_optimizer(session)
-    apply_policy_update(session, plan, backend.denoiser(), popt, progress,
-                        conditional=backend.denoiser(cfg=1.0))
+    modes = getattr(backend, "training", None)
+    with (modes(session.config.policy) if modes else contextlib.nullcontext()):
+        apply_policy_update(session, plan, backend.denoiser(), popt, progress,
+                            conditional=backend.denoiser(cfg=1.0))
     if inspect is not None:
         inspect(plan)
     return complete_round(session, plan, backend.lora_state(), popt,

@@ -57,6 +57,24 @@ class PolicyConfig:
     d3po_beta: float = 0.1
     d3po_eps: float = 0.1     # D3PO's ratio clip (yk7333/d3po config.train.eps)
     mixed_precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere; "no" | "fp16" | "bf16"
+    # memory modes (memory.py): how the update fits the card; none changes what is learned
+    micro_batch: int = 0      # images per backward pass; 0: sized from the free memory (CUDA)
+    gradient_checkpointing: bool = False
+    chains_on: str = "cpu"    # "cpu": chains stay in host memory (fp16), "device": on the card
+    release_models: bool = True   # ComfyUI: VAE / text encoders leave the card during the update
+
+    MEMORY_SETTINGS = ("micro_batch", "gradient_checkpointing", "chains_on", "release_models",
+                       "mixed_precision")
+
+    def validate(self) -> "PolicyConfig":
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"precision must be auto, no, fp16 or bf16, got "
+                             f"{self.mixed_precision!r}")
+        if self.chains_on not in ("cpu", "device"):
+            raise ValueError(f"chains_on must be 'cpu' or 'device', got {self.chains_on!r}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be 0 (auto) or more, got {self.micro_batch}")
+        return self
 
 
 class PolicyOptimizer:
@@ -138,8 +156,10 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
                     raise UpdateRejected("LoRA weights became NaN/inf")
             if callback is not None:
                 callback(j + 1, n_backward)
-    except UpdateRejected as e:
+    except BaseException as e:   # noqa: BLE001 - out of memory, interrupted: keep the old LoRA
         popt.restore(snap)
+        if not isinstance(e, UpdateRejected):
+            raise
         raise UpdateRejected(f"{e}; the update was rejected and the previous LoRA kept. "
                              f"Lower the learning rate (now {cfg.lr:g}) or use fp32 training, "
                              f"then train the round again (its marks are saved).") from None
@@ -150,10 +170,11 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
 
 
 def ppo_update(denoiser: Denoiser, traj: Trajectory, advantages: Tensor, popt: PolicyOptimizer,
-               generator: torch.Generator, callback: Optional[Callable[[int, int], None]] = None
-               ) -> dict:
+               generator: torch.Generator, callback: Optional[Callable[[int, int], None]] = None,
+               device=None) -> dict:
     """``epochs`` PPO epochs (HERO: one) over the round's trajectories (hero_spec 7.5). Returns
-    mean loss, ratio, clip fraction, approx KL, and the step counts."""
+    mean loss, ratio, clip fraction, approx KL, and the step counts. ``device``: where the
+    denoiser runs (default: the chains')."""
     cfg = popt.config
     n, T = traj.log_probs.shape
     if advantages.shape != (n,):
@@ -166,14 +187,15 @@ def ppo_update(denoiser: Denoiser, traj: Trajectory, advantages: Tensor, popt: P
         mbs += [order[s:s + bs] for s in range(0, n, bs)]
         steps += [st] * len(range(0, n, bs))
     adv = advantages.float().clamp(-cfg.adv_clip, cfg.adv_clip)
-    dev = traj.latents.device
+    dev = traj.latents.device if device is None else torch.device(device)
 
     def backward(j: int) -> dict:
         mb, kk = mbs[j // k], j % k
         step_idx = steps[j // k][mb, kk]
         with _autocast(cfg, dev):
-            logp = trajectory_log_prob(denoiser, traj, mb, step_idx)
-        old = traj.log_probs[mb, step_idx].to(logp.device)
+            logp = trajectory_log_prob(denoiser, traj, mb, step_idx, dev)
+        old = traj.log_probs[mb.to(traj.log_probs.device),
+                             step_idx.to(traj.log_probs.device)].to(logp.device)
         a = adv[mb].to(logp.device)
         ratio = torch.exp(logp.float() - old)
         unclipped = -a * ratio
@@ -197,7 +219,7 @@ def d3po_pairs(good: list[int], bad: list[int], n_pairs: int, generator: torch.G
 
 def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list[int],
                 popt: PolicyOptimizer, generator: torch.Generator,
-                callback: Optional[Callable[[int, int], None]] = None) -> dict:
+                callback: Optional[Callable[[int, int], None]] = None, device=None) -> dict:
     """One D3PO epoch over len(traj)/2 (good, bad) pairs, ``k`` shared timesteps per pair."""
     cfg = popt.config
     n, T = traj.log_probs.shape
@@ -209,15 +231,16 @@ def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list
     steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_pairs)])
     bs = max(1, cfg.train_batch_size // 2)
     mbs = [torch.arange(s, min(s + bs, n_pairs)) for s in range(0, n_pairs, bs)]
-    dev = traj.latents.device
+    dev = traj.latents.device if device is None else torch.device(device)
 
     def backward(j: int) -> dict:
         pi, kk = mbs[j // k], j % k
         step_idx = steps[pi, kk]
         idx = torch.cat([w[pi], l_[pi]])
         with _autocast(cfg, dev):
-            logp = trajectory_log_prob(denoiser, traj, idx, step_idx.repeat(2))
-        old = traj.log_probs[idx, step_idx.repeat(2)].to(logp.device)
+            logp = trajectory_log_prob(denoiser, traj, idx, step_idx.repeat(2), dev)
+        lp_dev = traj.log_probs.device
+        old = traj.log_probs[idx.to(lp_dev), step_idx.repeat(2).to(lp_dev)].to(logp.device)
         # the authors clip each probability ratio to [1 - eps, 1 + eps] (their "Q-value" bound):
         # outside it the pair gives no gradient, a trust region around the sampling policy
         lo, hi = math.log(1 - cfg.d3po_eps), math.log(1 + cfg.d3po_eps)

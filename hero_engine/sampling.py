@@ -204,15 +204,17 @@ def sample_with_logprob(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule,
     return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1).float(), schedule, eta)
 
 
-def trajectory_log_prob(denoiser: Denoiser, traj: Trajectory, sample_idx: Tensor, step_idx: Tensor
-                        ) -> Tensor:
+def trajectory_log_prob(denoiser: Denoiser, traj: Trajectory, sample_idx: Tensor, step_idx: Tensor,
+                        device=None) -> Tensor:
     """Recompute log pi_theta of stored transitions (sample ``sample_idx[b]``, step ``step_idx[b]``)
-    under the current ``denoiser`` (with grad, for the PPO ratio) -> [B]."""
+    under the current ``denoiser`` (with grad, for the PPO ratio) -> [B]. ``device``: where the
+    denoiser runs (default: the chains'); chains kept on the CPU move one micro-batch at a time."""
     sched = traj.schedule
-    dev = traj.latents.device
+    dev = traj.latents.device if device is None else torch.device(device)
+    src = traj.latents.device
+    x_t = traj.latents[sample_idx.to(src), step_idx.to(src)].to(dev).float()
+    x_prev = traj.latents[sample_idx.to(src), step_idx.to(src) + 1].to(dev).float()
     sample_idx, step_idx = sample_idx.to(dev), step_idx.to(dev)
-    x_t = traj.latents[sample_idx, step_idx].float()
-    x_prev = traj.latents[sample_idx, step_idx + 1].float()
     ab_t = sched.alpha_bars.to(dev)[step_idx]
     ab_prev = sched.alpha_bars.to(dev)[step_idx + 1]
     t = sched.timesteps.to(dev)[step_idx]

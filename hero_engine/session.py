@@ -221,6 +221,7 @@ class HeroConfig:
             raise ValueError("beta and epsilon must lie in [0, 1]")
         if not 0 <= self.fresh_ratio < 1:
             raise ValueError("fresh_ratio must lie in [0, 1)")
+        self.policy.validate()
         return self
 
     def to_json(self) -> dict:
