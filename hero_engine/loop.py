@@ -26,13 +26,13 @@ from torch import Tensor
 from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
-from .denoising import denoise_update
+from .denoising import denoise_update, denoising_loss
 from .memory import GiB, UpdateOutOfMemory, is_oom, oom_advice, resolve_micro_batch
-from .policy import PolicyOptimizer, d3po_update, ppo_update
+from .policy import PolicyOptimizer, _autocast, d3po_update, ppo_update
 from .representation import RepresentationTrainer
 from .reward import (advantages, binary_reward, denoising_weights, mark_anchored_reward,
                      similarity_reward, similarity_to_positives)
-from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob
+from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob, trajectory_log_prob
 from .session import BestRecord, Session, SessionError
 
 __all__ = ["round_generator", "plan_initial_noise", "generate_round", "LearnPlan",
@@ -319,7 +319,7 @@ def _fresh_chains(session: Session, k: int, n: int) -> Optional[Tensor]:
 
 def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
                         popt: PolicyOptimizer, progress: Progress = None,
-                        conditional: Optional[Denoiser] = None, host: bool = False) -> dict:
+                        conditional: Optional[Denoiser] = None) -> dict:
     """Step 6 through the backend's denoiser, by the method's ``update`` trait: PPO over
     ``policy_batch`` (the marked batch and, with the ``extra_ratio`` trait, the unmarked samples
     the representation scores), D3PO over good-bad pairs, or reward-weighted denoising over
@@ -340,9 +340,10 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
         chain = plan.trajectory.latents.numel() * 4 if pcfg.chains_on != "cpu" else 0
         raise UpdateOutOfMemory(
             f"out of {plan.device.type.upper()} memory in the LoRA update of round {plan.round} "
-            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Change "
-            f"in HERO Session: {oom_advice(pcfg, mb, chain, probe_box.get('probe'), host)}; "
-            f"then queue the prompt again to train the round.") from None
+            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Set in "
+            f"the session's config (policy settings, hero_engine/memory.py): "
+            f"{oom_advice(pcfg, mb, chain, probe_box.get('probe'))}; then train the round "
+            f"again.") from None
     finally:
         popt.config = pcfg
     plan.metrics.update(m)
@@ -352,9 +353,6 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
 def _probe_pass(denoiser: Denoiser, plan: LearnPlan, pcfg, kind: str, x0: Optional[Tensor]
                 ) -> Callable[[int], None]:
     """A forward + backward of ``b`` images as the update makes them (for memory.probe_cuda)."""
-    from .denoising import denoising_loss
-    from .policy import _autocast
-    from .sampling import trajectory_log_prob
     traj, dev = plan.trajectory, plan.device
 
     def run(b: int) -> None:

@@ -15,8 +15,6 @@ card). The settings live in ``policy.PolicyConfig``; none changes what is learne
 - ``gradient_checkpointing``: the backend recomputes the UNet's blocks in the backward pass
   (diffusers' ``enable_gradient_checkpointing``, ComfyUI's ``nodes_train.patch``).
 - ``mixed_precision``: autocast (fp16/bf16) around the UNet; the LoRA weights stay fp32.
-- ``release_models`` (ComfyUI): the VAE, text encoders and other cached models leave the card
-  while the update runs (ComfyUI loads them again for the next HERO Generate).
 
 An out-of-memory error during the update restores the LoRA and optimizer as they were and becomes
 ``UpdateOutOfMemory``, whose message names each setting to change and what it would save.
@@ -102,22 +100,19 @@ def resolve_micro_batch(cfg, device, run: Optional[Callable[[int], None]] = None
     return dataclasses.replace(cfg, train_batch_size=b, grad_accum=n_step // b), probe
 
 
-def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[MemoryProbe],
-               host: bool) -> str:
+def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[MemoryProbe]) -> str:
     """The settings that would have fit, each with what it saves (estimates from the probe:
     halving the micro-batch saves half its activations; checkpointing keeps about a third)."""
     tips = []
     act = None if probe is None else probe.per_image * micro_batch
     if micro_batch > 1:
         save = "" if act is None else f" (saves about {act / 2 / GiB:.1f} GiB)"
-        tips.append(f"train_micro_batch {max(1, micro_batch // 2)} (now {micro_batch}){save}")
+        tips.append(f"policy.micro_batch {max(1, micro_batch // 2)} (now {micro_batch}){save}")
     if not cfg.gradient_checkpointing:
         save = "" if act is None else f" (saves about {act * 2 / 3 / GiB:.1f} GiB)"
-        tips.append(f"gradient_checkpointing on{save}; the update then takes about 1.3x longer")
+        tips.append(f"policy.gradient_checkpointing true{save}; the update then takes about 1.3x longer")
     if cfg.chains_on != "cpu" and chain_bytes > 0:
-        tips.append(f"chains_on cpu (saves {chain_bytes / GiB:.2f} GiB)")
+        tips.append(f"policy.chains_on \"cpu\" (saves {chain_bytes / GiB:.2f} GiB)")
     if cfg.mixed_precision == "no":
-        tips.append("precision fp16 or bf16 (about halves the activations)")
-    if host and not cfg.release_models:
-        tips.append("release_models on (frees the VAE and text encoders during the update)")
+        tips.append("policy.mixed_precision \"fp16\" or \"bf16\" (about halves the activations)")
     return "; ".join(tips) if tips else "a smaller image size or batch"

@@ -61,10 +61,6 @@ class PolicyConfig:
     micro_batch: int = 0      # images per backward pass; 0: sized from the free memory (CUDA)
     gradient_checkpointing: bool = False
     chains_on: str = "cpu"    # "cpu": chains stay in host memory (fp16), "device": on the card
-    release_models: bool = True   # ComfyUI: VAE / text encoders leave the card during the update
-
-    MEMORY_SETTINGS = ("micro_batch", "gradient_checkpointing", "chains_on", "release_models",
-                       "mixed_precision")
 
     def validate(self) -> "PolicyConfig":
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):

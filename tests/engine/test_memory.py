@@ -38,7 +38,7 @@ def test_memory_settings_are_checked():
             HeroConfig(policy=PolicyConfig(**bad)).validate()
     # sessions written before the memory settings open with the defaults
     old = HeroConfig().to_json()
-    for k in ("micro_batch", "gradient_checkpointing", "chains_on", "release_models"):
+    for k in ("micro_batch", "gradient_checkpointing", "chains_on"):
         old["policy"].pop(k)
     assert HeroConfig.from_json(old).policy.chains_on == "cpu"
 
@@ -119,14 +119,14 @@ def test_out_of_memory_keeps_the_lora_and_names_the_fix(tmp_path):
     with pytest.raises(UpdateOutOfMemory) as e:
         loop.apply_policy_update(s, plan, failing, popt)
     msg = str(e.value)
-    assert "train_micro_batch 1 (now 2)" in msg and "gradient_checkpointing on" in msg
-    assert "chains_on cpu (saves" in msg and "marks are kept" in msg
+    assert "policy.micro_batch 1 (now 2)" in msg and "policy.gradient_checkpointing true" in msg
+    assert 'policy.chains_on "cpu" (saves' in msg and "marks are kept" in msg
     after = be.lora_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert popt.config.train_batch_size == 2    # the session's settings are left as they were
     # with a probe, each setting says how much it saves
     tip = oom_advice(dataclasses.replace(PolicyConfig(), mixed_precision="no"), 4, 0,
-                     MemoryProbe(GiB, GiB, 4 * GiB), host=True)
-    assert "train_micro_batch 2 (now 4) (saves about 2.0 GiB)" in tip
-    assert "gradient_checkpointing on (saves about 2.7 GiB)" in tip
-    assert "precision fp16 or bf16" in tip and "release_models" not in tip
+                     MemoryProbe(GiB, GiB, 4 * GiB))
+    assert "policy.micro_batch 2 (now 4) (saves about 2.0 GiB)" in tip
+    assert "policy.gradient_checkpointing true (saves about 2.7 GiB)" in tip
+    assert 'policy.mixed_precision "fp16" or "bf16"' in tip
