@@ -14,7 +14,11 @@ For every model it measures, on the same weights and settings:
     CFG sampling image-step of KSampler;
   - the representation's training time per round at the model's real latent size (64 images);
   - peak memory per phase: the GPU's ``max_memory_allocated`` when there is one, else the
-    process's peak RSS (which only grows: on CPU a phase's figure is the peak so far).
+    process's peak RSS (which only grows: on CPU a phase's figure is the peak so far, and each
+    model, method and memory mode runs in a process of its own);
+  - each memory mode of the update (``--memory-modes``, hero_engine/memory.py) on a session of
+    its own, with a stand-in of the text encoders' and VAE's size held by ComfyUI as a workflow
+    holds them (what ``release_models`` unloads).
 
 Models: ``toy`` (the embedded toy model through the engine, no ComfyUI), ``sd15-tiny`` and
 ``sdxl-tiny`` (the host tests' 1 M-parameter UNets), ``sd15`` and ``sdxl`` (the real UNet configs
@@ -60,6 +64,22 @@ SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatia
                  num_head_channels=64, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
                  use_temporal_attention=False, use_temporal_resblock=False)
 MODELS = ("toy", "sd15-tiny", "sdxl-tiny", "sd15", "sdxl")
+# The update's memory modes (hero_engine/memory.py), each a change to the session defaults
+# (micro-batch auto, chains on the CPU, no checkpointing, autocast auto, other models released)
+MEMORY_MODES = {
+    "default": {},
+    "checkpointing": {"gradient_checkpointing": True},
+    "micro1": {"micro_batch": 1},
+    "micro2": {"micro_batch": 2},
+    "micro8": {"micro_batch": 8},
+    "micro8-checkpointing": {"micro_batch": 8, "gradient_checkpointing": True},
+    "chains-device": {"chains_on": "device"},
+    "keep-models": {"release_models": False},
+    "fp32": {"mixed_precision": "no"},
+}
+# parameters of the models a real workflow also holds on the card: the text encoders and the VAE
+# (CLIP-L 123 M, OpenCLIP-G 695 M, the SD VAE 84 M); the perf run loads a stand-in of that size
+ENCODER_PARAMS = {"sd15": 123e6 + 84e6, "sdxl": 123e6 + 695e6 + 84e6}
 
 
 # -- measurement helpers
@@ -128,6 +148,20 @@ def comfy_model(kind: str, device, dtype):
                                             offload_device=mm.unet_offload_device())
 
 
+def encoder_standin(kind: str, dtype):
+    """A ComfyUI-managed model of the text encoders' and VAE's size (random weights), loaded on
+    the device as a workflow's CLIP and VAE would be: what ``release_models`` unloads."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    n = int(ENCODER_PARAMS.get(kind, 1e6))
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(torch.zeros(n, dtype=dtype), requires_grad=False)
+    mp = comfy.model_patcher.ModelPatcher(m, load_device=mm.get_torch_device(),
+                                          offload_device=mm.unet_offload_device())
+    mm.load_models_gpu([mp])
+    return mp
+
+
 def comfy_conds(kind: str, width: int, height: int):
     g = torch.Generator().manual_seed(1)
     sdxl = kind.startswith("sdxl")
@@ -141,7 +175,7 @@ def comfy_conds(kind: str, width: int, height: int):
     return out
 
 
-def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
+def bench_comfy(kind: str, a, device, dtype, method: str, mode: str = "default") -> dict:
     import nodes as comfy_nodes   # ComfyUI's nodes.py
     from support.pack_import import import_pack_module
     from tiny_models import TinyVAE   # decodes by upsampling: VAE cost is not what is compared
@@ -149,6 +183,7 @@ def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
     S = import_pack_module("hero_engine.session")
     P = import_pack_module("hero_engine.policy")
     F = import_pack_module("hero_engine.feedback")
+    M = import_pack_module("hero_engine.memory")
     w, h = a.size, a.size
     mp = comfy_model(kind, device, dtype)
     pos, neg = comfy_conds(kind, w, h)
@@ -166,7 +201,9 @@ def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
     R = import_pack_module("hero_engine.representation")
     cfg = S.HeroConfig(method=method, batch_size=a.batch, steps=a.steps, cfg=a.cfg, policy=policy,
                        representation=R.RepresentationConfig(epochs=a.encoder_epochs))
-    session = S.Session.create(root / f"{kind}-{method}", cfg)
+    cfg = M.with_memory_settings(cfg, **MEMORY_MODES[mode])
+    session = S.Session.create(root / f"{kind}-{method}-{mode}", cfg)
+    encoders = encoder_standin(kind, dtype)   # noqa: F841 (held, as a workflow holds its CLIP)
 
     def generate():
         with torch.inference_mode():
@@ -196,6 +233,10 @@ def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
     lat_shape = (4, 64, 64) if kind == "sd15" else (4, 128, 128) if kind == "sdxl" else \
         (4, h // 8, w // 8)
     return {"model": kind, "method": method, "update": cfg.update, "device": str(device),
+            "memory_mode": mode, "memory": {k: getattr(cfg.policy, k) for k in M.MEMORY_SETTINGS},
+            "train_micro_batch": m.get("train_micro_batch"),
+            "released_models": m.get("released_models"),
+            "checkpointed_modules": m.get("checkpointed_modules"),
             "dtype": str(dtype).replace("torch.", ""), "size": a.size, "batch": a.batch,
             "steps": a.steps, "cfg": a.cfg,
             "ksampler_s": t_ks, "generate_s": t_gen, "generate_over_ksampler": t_gen / t_ks,
@@ -212,10 +253,11 @@ def bench_comfy(kind: str, a, device, dtype, method: str) -> dict:
 
 
 # -- the toy model (engine only: there is no ComfyUI MODEL of it)
-def bench_toy(a, device, method: str) -> dict:
+def bench_toy(a, device, method: str, mode: str = "default") -> dict:
     from hero_engine import loop
     from hero_engine.experiment import ExperimentSpec, toy_backend, toy_config
     from hero_engine.feedback import SimulatedEvaluator
+    from hero_engine.memory import MEMORY_SETTINGS, with_memory_settings
     from hero_engine.session import Session
     spec = ExperimentSpec(task="colour", method=method, batch_size=a.batch,
                           ppo_timesteps=a.ppo_timesteps)
@@ -224,8 +266,9 @@ def bench_toy(a, device, method: str) -> dict:
     cfg = toy_config(spec, steps, be.cfg)
     cfg.policy.denoise_steps = a.denoise_steps
     cfg.representation.epochs = a.encoder_epochs
+    cfg = with_memory_settings(cfg, **MEMORY_MODES[mode])
     root = Path(tempfile.mkdtemp(prefix="hero-perf-"))
-    session = Session.create(root / f"toy-{method}", cfg)
+    session = Session.create(root / f"toy-{method}-{mode}", cfg)
     ev = SimulatedEvaluator(task.score, task.threshold)
     be.sample_fresh(2, 1, 0)   # warm-up
     _, t_s, m_s = timed(device, lambda: be.sample_fresh(a.batch, steps, 1))
@@ -242,6 +285,8 @@ def bench_toy(a, device, method: str) -> dict:
     upd = float(m.get("policy_seconds") or 0.0)
     enc = float(m.get("encoder_seconds") or 0.0)
     return {"model": "toy", "method": method, "update": cfg.update, "device": str(device),
+            "memory_mode": mode, "memory": {k: getattr(cfg.policy, k) for k in MEMORY_SETTINGS},
+            "train_micro_batch": m.get("train_micro_batch"),
             "dtype": "float32", "size": 32, "batch": a.batch, "steps": steps, "cfg": be.cfg,
             "sample_fresh_s": t_s, "generate_s": float(m["generate_seconds"]),
             "generate_over_sample_fresh": float(m["generate_seconds"]) / t_s,
@@ -254,16 +299,18 @@ def bench_toy(a, device, method: str) -> dict:
 def _row(r: dict) -> str:
     ratio = r.get("generate_over_ksampler", r.get("generate_over_sample_fresh"))
     peak = max(r["peak_gib"].values())
-    return (f"| {r['model']} | {r['method']} ({r['update']}) | {r['device']} {r['dtype']} | "
+    return (f"| {r['model']} | {r['method']} ({r['update']}) | {r.get('memory_mode', '')} "
+            f"(micro-batch {r.get('train_micro_batch')}) | {r['device']} {r['dtype']} | "
             f"{r['size']}px x{r['batch']}, {r['steps']} st | {ratio:.2f} | "
             f"{r['update_step_over_cfg_step']:.2f} | {r['representation_s']:.2f} | "
             f"{r['update_s']:.2f} | {r['round_s']:.1f} | {peak:.2f} |")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | method (update) | device | size, batch, steps | Generate / KSampler | "
-            "update step / CFG step | representation s | update s | round s | peak GiB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | method (update) | memory mode | device | size, batch, steps | "
+            "Generate / KSampler | update step / CFG step | representation s | update s | "
+            "round s | peak GiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [_row(r) for r in rows])
 
 
@@ -286,8 +333,16 @@ def main(argv=None) -> int:
                          "RepresentationConfig.epochs; its time grows linearly with it)")
     ap.add_argument("--dtype", default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory-modes", default="default",
+                    help=f"comma-separated memory modes of the update, each measured on its own "
+                         f"session: {', '.join(MEMORY_MODES)} (on CPU each mode runs in its own "
+                         f"process, as each model and method, so that each peak RSS is its own)")
     ap.add_argument("--out", default="hero_out/perf")
     a = ap.parse_args(argv)
+    modes = [m for m in a.memory_modes.split(",") if m]
+    for m in modes:
+        if m not in MEMORY_MODES:
+            ap.error(f"unknown memory mode {m!r}; choose from {', '.join(MEMORY_MODES)}")
     if a.encoder_epochs is None:
         from hero_engine.representation import RepresentationConfig
         a.encoder_epochs = RepresentationConfig().epochs
@@ -314,13 +369,33 @@ def main(argv=None) -> int:
         import folder_paths
         folder_paths.set_output_directory(tempfile.mkdtemp(prefix="hero-perf-out-"))
     rows = []
-    for m in models:
-        for method in (x for x in a.methods.split(",") if x):
-            print(f"[perf] {m} / {method} ...", flush=True)
-            r = bench_toy(a, device, method) if m == "toy" else bench_comfy(m, a, device, dtype,
-                                                                             method)
-            print(f"[perf] {json.dumps(r)}", flush=True)
-            rows.append(r)
+    methods = [x for x in a.methods.split(",") if x]
+    combos = [(mode, m, method) for mode in modes for m in models for method in methods]
+    argv_all = list(argv if argv is not None else sys.argv[1:])
+    if device.type == "cpu" and len(combos) > 1:
+        # the process's peak RSS only grows: one child process per (mode, model, method)
+        import subprocess
+        own = ("--memory-modes", "--models", "--methods", "--out")
+        base = [x for i, x in enumerate(argv_all)
+                if x not in own and (i == 0 or argv_all[i - 1] not in own)]
+        for mode, m, method in combos:
+            child = Path(tempfile.mkdtemp(prefix=f"hero-perf-{mode}-"))
+            print(f"[perf] {m} / {method} / memory {mode} (own process) ...", flush=True)
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *base,
+                                "--models", m, "--methods", method, "--memory-modes", mode,
+                                "--out", str(child)])
+            if r.returncode:
+                print(f"[perf] {m} / {method} / memory {mode} failed (exit {r.returncode})",
+                      flush=True)
+                return r.returncode
+            rows += json.loads((child / "perf.json").read_text())["rows"]
+        combos = []
+    for mode, m, method in combos:
+        print(f"[perf] {m} / {method} / memory {mode} ...", flush=True)
+        r = (bench_toy(a, device, method, mode) if m == "toy"
+             else bench_comfy(m, a, device, dtype, method, mode))
+        print(f"[perf] {json.dumps(r)}", flush=True)
+        rows.append(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.node(), "cpu_count": os.cpu_count(),

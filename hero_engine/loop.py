@@ -340,8 +340,10 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
         chain = plan.trajectory.latents.numel() * 4 if pcfg.chains_on != "cpu" else 0
         raise UpdateOutOfMemory(
             f"out of {plan.device.type.upper()} memory in the LoRA update of round {plan.round} "
-            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Set in "
-            f"the session's config (policy settings, hero_engine/memory.py): "
+            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Set "
+            f"(in ComfyUI: the HERO Session widget of the same name, which applies to an "
+            f"existing session too; in the engine: the session config's policy settings, "
+            f"hero_engine/memory.py): "
             f"{oom_advice(pcfg, mb, chain, probe_box.get('probe'))}; then train the round "
             f"again.") from None
     finally:

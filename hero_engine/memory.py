@@ -15,6 +15,14 @@ card). The settings live in ``policy.PolicyConfig``; none changes what is learne
 - ``gradient_checkpointing``: the backend recomputes the UNet's blocks in the backward pass
   (diffusers' ``enable_gradient_checkpointing``, ComfyUI's ``nodes_train.patch``).
 - ``mixed_precision``: autocast (fp16/bf16) around the UNet; the LoRA weights stay fp32.
+- ``release_models`` (the ComfyUI adapter): every other model ComfyUI holds on the card (the VAE,
+  the text encoders) is unloaded before the update, as ``comfy_extras/nodes_train.py`` does; they
+  load again for the next HERO Generate. The diffusers backend gets its encoders as callables and
+  leaves them to its caller.
+
+These are the settings of the machine, not of the method: ``with_memory_settings`` sets them on
+an existing session's config (the HERO Session node applies its widgets this way every run), and
+they are never reported as a changed setting of an existing session.
 
 An out-of-memory error during the update restores the LoRA and optimizer as they were and becomes
 ``UpdateOutOfMemory``, whose message names each setting to change and what it would save.
@@ -28,7 +36,12 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["MemoryProbe", "UpdateOutOfMemory", "choose_micro_batch", "probe_cuda",
-           "resolve_micro_batch", "oom_advice", "is_oom", "GiB"]
+           "resolve_micro_batch", "oom_advice", "is_oom", "GiB", "MEMORY_SETTINGS",
+           "with_memory_settings"]
+
+# the PolicyConfig fields that say how the update fits the machine (none changes what is learned)
+MEMORY_SETTINGS = ("micro_batch", "gradient_checkpointing", "chains_on", "mixed_precision",
+                   "release_models")
 
 GiB = float(1 << 30)
 HEADROOM = 0.85   # share of the free memory the update may plan to use (allocator slack)
@@ -44,6 +57,20 @@ class MemoryProbe:
     fixed: float
     per_image: float
     free: float
+
+
+def with_memory_settings(config, **values):
+    """``config`` (a HeroConfig) with the given memory settings of its policy replaced (``None``
+    keeps a setting), validated. Unknown names raise ``ValueError``."""
+    unknown = sorted(set(values) - set(MEMORY_SETTINGS))
+    if unknown:
+        raise ValueError(f"not a memory setting: {', '.join(unknown)} (memory settings: "
+                         f"{', '.join(MEMORY_SETTINGS)})")
+    change = {k: v for k, v in values.items() if v is not None}
+    if not change:
+        return config
+    policy = dataclasses.replace(config.policy, **change).validate()
+    return dataclasses.replace(config, policy=policy)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -113,6 +140,8 @@ def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[Memory
         tips.append(f"policy.gradient_checkpointing true{save}; the update then takes about 1.3x longer")
     if cfg.chains_on != "cpu" and chain_bytes > 0:
         tips.append(f"policy.chains_on \"cpu\" (saves {chain_bytes / GiB:.2f} GiB)")
+    if not cfg.release_models:
+        tips.append("policy.release_models true (frees the VAE's and text encoders' memory)")
     if cfg.mixed_precision == "no":
         tips.append("policy.mixed_precision \"fp16\" or \"bf16\" (about halves the activations)")
     return "; ".join(tips) if tips else "a smaller image size or batch"

@@ -61,6 +61,7 @@ class PolicyConfig:
     micro_batch: int = 0      # images per backward pass; 0: sized from the free memory (CUDA)
     gradient_checkpointing: bool = False
     chains_on: str = "cpu"    # "cpu": chains stay in host memory (fp16), "device": on the card
+    release_models: bool = True  # ComfyUI: unload the VAE and text encoders during the update
 
     def validate(self) -> "PolicyConfig":
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):

@@ -9,10 +9,12 @@ Everything that touches ComfyUI's sampling and training machinery lives here; th
   a :class:`hero_engine.sampling.Denoiser` (``make_denoiser``): VP latent x and abar ->
   sigma = sqrt((1 - abar) / abar), x_k = x sqrt(1 + sigma^2), x0 = model_wrap(x_k, sigma),
   eps = (x_k - x0) / sigma.
-* The LoRA lives on a ``model.clone()`` as ComfyUI weight wrappers (``add_weight_wrapper``):
-  trainable ``LoraWeightWrapper`` modules on attention to_q/to_k/to_v/to_out.0 and, for training,
-  identity copy wrappers on every other weight and bias (guide 2.3 "variant B": model weights are
-  inference tensors). The cached checkpoint model is never mutated.
+* For training, the LoRA lives on a ``model.clone()`` as ComfyUI weight wrappers
+  (``add_weight_wrapper``): trainable ``LoraWeightWrapper`` modules on the attention and
+  feed-forward layers and identity copy wrappers on every other weight and bias (guide 2.3
+  "variant B": model weights are inference tensors). For generation it is merged as plain
+  patches, as a KSampler with LoraLoader would run it. The cached checkpoint model is never
+  mutated.
 * The session keeps the LoRA as ``{"<ldm module>.down|up|alpha": tensor}`` (fp32, LDM module names
   without ``diffusion_model.``); the kohya names (family-native) are computed from the model.
 * The MODEL that leaves HERO_Train / HERO_ApplyLoRA carries the LoRA as plain ``add_patches``
@@ -20,6 +22,7 @@ Everything that touches ComfyUI's sampling and training machinery lives here; th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -321,6 +324,48 @@ def _progress(total_hint: int = 100):
     return progress
 
 
+# ---- memory modes of the update (hero_engine/memory.py) ----------------------------------------
+
+def release_other_models(mp, device) -> int:
+    """Unload every model ComfyUI holds on ``device`` except ``mp`` and its clones (the VAE, the
+    text encoders) -> how many. ``comfy_extras/nodes_train.py`` does this with
+    ``load_models_gpu([mp], memory_required=1e20)``; ``free_memory`` is called directly here
+    because ``load_models_gpu`` frees nothing on a CPU device (the same call, testable there)."""
+    import comfy.model_management as mm
+    own = [mp, *mp.model_patches_models()]
+    keep = [lm for lm in mm.current_loaded_models
+            if lm.model is not None and any(lm.model is m or lm.model.is_clone(m) for m in own)]
+    return len(mm.free_memory(1e30, device, keep_loaded=keep))
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(mp, on: bool):
+    """ComfyUI's own gradient checkpointing (the Train LoRA node's ``patch`` / ``unpatch`` of the
+    diffusion model's highest child modules, ``comfy_extras/nodes_train.py``) for the update ->
+    the number of checkpointed modules. The modules are shared with the host's MODEL, so they are
+    always unpatched afterwards."""
+    if not on:
+        yield 0
+        return
+    try:
+        from comfy_extras import nodes_train
+        find, patch, unpatch = (nodes_train.find_all_highest_child_module_with_forward,
+                                nodes_train.patch, nodes_train.unpatch)
+    except (ImportError, AttributeError) as e:
+        raise HeroHostError(f"gradient checkpointing uses ComfyUI's comfy_extras/nodes_train.py, "
+                            f"which this ComfyUI does not offer ({e}); turn "
+                            f"gradient_checkpointing off on HERO Session, or update ComfyUI"
+                            ) from None
+    mods = find(mp.model.diffusion_model)
+    for m in mods:
+        patch(m)
+    try:
+        yield len(mods)
+    finally:
+        for m in mods:
+            unpatch(m)
+
+
 def check_vae(vae) -> None:
     if vae is None or not hasattr(vae, "decode"):
         raise HeroHostError("HERO Generate needs a VAE to decode the batch: connect the VAE output "
@@ -380,7 +425,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
     names = lora_targets(model, session)
-    remember_lora_layout(session, model, family, names)
+    kohya = remember_lora_layout(session, model, family, names)
     scfg = session.config
     steps = int(steps) or scfg.steps
     cfg = float(cfg) or scfg.cfg
@@ -409,8 +454,11 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if width % 8 or height % 8:
         raise HeroHostError(f"width and height must be multiples of 8, got {width}x{height}")
 
-    tensors = session_lora(session, model, names)
-    mp, _ = attach_lora(model, tensors, names, trainable=False, copy_others=False)
+    # the LoRA merged into the weights as plain patches (LoraLoader's path): sampling then costs
+    # what a KSampler with the LoRA costs. Weight wrappers (attach_lora, what training needs)
+    # recompute W + B A in every call: 22% of Generate on SD1.5 at 64 px (docs/performance.md).
+    # In fp32 both give the same weights bit for bit (the host test checks the PPO ratio is 1).
+    mp = patched_model(model, session_lora(session, model, names), names, kohya)
     ms = mp.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).cpu()
     schedule = DDIMSchedule.from_sigmas(sigmas, ms.sigmas.detach().cpu())
@@ -517,6 +565,8 @@ def train(model, session: Session, feedback) -> TrainResult:
             except ValueError as e:
                 raise HeroHostError(f"session '{session.session_id}': {e}") from None
         mm.load_models_gpu([mp], memory_required=0, force_full_load=True)
+        pcfg = session.config.policy
+        released = release_other_models(mp, mp.load_device) if pcfg.release_models else 0
         ms = mp.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", max(1, len(plan.trajectory.schedule))).cpu()
         guider = comfy.samplers.CFGGuider(mp)
@@ -538,7 +588,10 @@ def train(model, session: Session, feedback) -> TrainResult:
         shape = tuple(plan.trajectory.latents.shape[2:])
         bs = max(1, min(session.config.policy.train_batch_size, len(plan.trajectory)))
         noise = torch.zeros((bs, *shape))
-        guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas, seed=0)
+        with gradient_checkpointing(mp, pcfg.gradient_checkpointing) as n_checkpointed:
+            guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas, seed=0)
+        plan.metrics.update({"released_models": released,
+                             "checkpointed_modules": n_checkpointed})
         lora_out = {}
         for n in names:
             lora_out[f"{n}.down"] = params[f"{n}.down"].detach()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
+from ..hero_engine.memory import MEMORY_SETTINGS, with_memory_settings
 from ..hero_engine.policy import PolicyConfig
 from ..hero_engine.representation import RepresentationConfig
 from ..hero_engine.session import (HeroConfig, Session, SessionDamaged, SessionError,
@@ -120,14 +121,27 @@ def runs_before_train(prompt, unique_id) -> bool:
 
 
 def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
+    """The settings of ``b`` that an existing session ``a`` keeps its own value for (the memory
+    settings are the machine's, not the session's: they always apply, so never listed)."""
     da, db = a.to_json(), b.to_json()
+    skip = {f"policy.{k}" for k in MEMORY_SETTINGS}
     out = []
     for k in sorted(set(da) | set(db)):
         if isinstance(da.get(k), dict):
-            out += [f"{k}.{kk}" for kk in sorted(da[k]) if da[k].get(kk) != db.get(k, {}).get(kk)]
+            out += [f"{k}.{kk}" for kk in sorted(da[k])
+                    if da[k].get(kk) != db.get(k, {}).get(kk) and f"{k}.{kk}" not in skip]
         elif da.get(k) != db.get(k):
             out.append(k)
     return out
+
+
+def memory_line(p: PolicyConfig) -> str:
+    """One line saying how the update will fit the card."""
+    mb = "auto (from the free memory)" if p.micro_batch == 0 else str(p.micro_batch)
+    return (f"update memory: micro-batch {mb}, chains on the {p.chains_on}, gradient "
+            f"checkpointing {'on' if p.gradient_checkpointing else 'off'}, precision "
+            f"{p.mixed_precision}, {'releases' if p.release_models else 'keeps'} the VAE and "
+            f"text encoders while training")
 
 
 def open_session(session_id: str, config: HeroConfig, repair: bool = False
@@ -167,7 +181,8 @@ class HERO_Session(io.ComfyNode):
                 "ComfyUI's output folder, output/hero/<session_id>/. Every round, mark and the "
                 "LoRA are stored there, so a restarted ComfyUI continues where it stopped. "
                 "Settings only apply when the session is created; an existing session keeps its "
-                "own (a note lists any widget that differs)."),
+                "own (a note lists any widget that differs). The memory settings at the end "
+                "(micro_batch to release_models) change no result and always apply."),
             not_idempotent=True,
             inputs=[
                 io.String.Input("session_id", default="hero_session",
@@ -222,6 +237,36 @@ class HERO_Session(io.ComfyNode):
                                      "good so far, per round (8 images a step). More steps learn "
                                      "more from each mark and take longer; lower it on CPU. The "
                                      "PPO/D3PO methods (hero-paper, ddpo-binary, d3po) ignore it."),
+                # memory settings (hero_engine/memory.py): how the update fits the card. They
+                # change no result, so they apply to an existing session too.
+                io.Int.Input("micro_batch", default=0, min=0, max=64, optional=True,
+                             tooltip="Images per backward pass of the LoRA update. 0 (auto): the "
+                                     "largest that fits the free GPU memory, measured by two "
+                                     "probe passes. Each optimizer step still averages 8 images, "
+                                     "so this changes memory and speed, not what is learned. "
+                                     "Applies to an existing session too."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute the UNet's activations in the backward pass "
+                                         "(ComfyUI's Train LoRA node does the same): much less "
+                                         "memory, the update about 1.3x slower. Turn it on for "
+                                         "SDXL on 8-12 GB cards. Applies to an existing session "
+                                         "too."),
+                io.Combo.Input("chains_on", options=["cpu", "device"], default="cpu",
+                               optional=True,
+                               tooltip="Where the round's denoising chains wait during the "
+                                       "update: cpu (in system memory, fp16, moved to the GPU a "
+                                       "few images at a time) or device (all on the GPU: a little "
+                                       "faster, 1-2 GiB more at SDXL size). Applies to an "
+                                       "existing session too."),
+                io.Combo.Input("mixed_precision", options=["auto", "no", "fp16", "bf16"],
+                               default="auto", optional=True,
+                               tooltip="Autocast of the UNet during the update; the LoRA "
+                                       "weights stay fp32. auto: fp16 on a GPU, fp32 on CPU. "
+                                       "Applies to an existing session too."),
+                io.Boolean.Input("release_models", default=True, optional=True,
+                                 tooltip="Unload the VAE and the text encoders from the GPU while "
+                                         "the LoRA trains (they load again for the next batch, a "
+                                         "few seconds). Applies to an existing session too."),
             ],
             outputs=[SessionT.Output("session", tooltip="The open session, for the other HERO nodes.")],
         )
@@ -232,7 +277,9 @@ class HERO_Session(io.ComfyNode):
     def execute(cls, session_id, method="hero", batch_size=8, steps=20, cfg=5.0, lora_rank=4,
                 lora_alpha=4.0, learning_rate=1e-3, timesteps_per_sample=5, beta=0.5,
                 epsilon=0.1, budget=512, encoder_epochs=500, seed=0, repair=False,
-                update_steps=PolicyConfig.denoise_steps) -> io.NodeOutput:
+                update_steps=PolicyConfig.denoise_steps, micro_batch=0,
+                gradient_checkpointing=False, chains_on="cpu", mixed_precision="auto",
+                release_models=True) -> io.NodeOutput:
         session_id = str(session_id).strip()
         config = HeroConfig(method=method, batch_size=int(batch_size), steps=int(steps),
                             cfg=float(cfg), beta=float(beta), epsilon=float(epsilon),
@@ -242,9 +289,15 @@ class HERO_Session(io.ComfyNode):
                                                 timesteps_per_sample=int(timesteps_per_sample),
                                                 denoise_steps=int(update_steps)),
                             representation=RepresentationConfig(epochs=int(encoder_epochs)))
+        memory = dict(micro_batch=int(micro_batch),
+                      gradient_checkpointing=bool(gradient_checkpointing),
+                      chains_on=str(chains_on), mixed_precision=str(mixed_precision),
+                      release_models=bool(release_models))
+        config = with_memory_settings(config, **memory)
         s, created, diff = open_session(session_id, config, repair=bool(repair))
+        s.config = with_memory_settings(s.config, **memory)   # the machine's, not the session's
         lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "
-                 f"{s.labels_used}/{s.config.budget} labels used"]
+                 f"{s.labels_used}/{s.config.budget} labels used", memory_line(s.config.policy)]
         if diff:
             lines.append("kept the session's own settings for: " + ", ".join(diff))
             log.info("HERO: session %s keeps its settings (%s)", s.session_id, ", ".join(diff))

@@ -128,9 +128,10 @@ class Graph:
 
 def _session_widgets(batch: int) -> list:
     # session_id, method, batch_size, steps, cfg, lora_rank, lora_alpha, learning_rate,
-    # timesteps_per_sample, beta, epsilon, budget, encoder_epochs, seed, repair, update_steps
+    # timesteps_per_sample, beta, epsilon, budget, encoder_epochs, seed, repair, update_steps,
+    # micro_batch, gradient_checkpointing, chains_on, mixed_precision, release_models
     return ["my_hero_session", "hero", batch, 20, 5.0, 4, 4.0, 0.001, 5, 0.5, 0.1, 512, 500, 0,
-            False, 100]
+            False, 100, 0, False, "cpu", "auto", True]
 
 
 def round_graph(family: str) -> Graph:
@@ -143,7 +144,7 @@ def round_graph(family: str) -> Graph:
                  ["a watercolor painting of a lighthouse at sunset"], title="positive")
     neg = g.node("CLIPTextEncode", (400, 240), (400, 160), ["blurry, low quality"],
                  title="negative")
-    ses = g.node("HERO_Session", (40, 300), (320, 440), _session_widgets(4 if sdxl else 8))
+    ses = g.node("HERO_Session", (40, 300), (320, 560), _session_widgets(4 if sdxl else 8))
     size = 1024 if sdxl else 512
     gen = g.node("HERO_Generate", (840, 120), (320, 330), [0, 0, 0.0, size, size, 0])
     fb = g.node("HERO_Feedback", (1200, 120), (420, 520), [3600, ""])

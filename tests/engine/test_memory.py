@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hero_engine import loop
-from hero_engine.memory import (GiB, MemoryProbe, UpdateOutOfMemory, choose_micro_batch,
-                                oom_advice, resolve_micro_batch)
+from hero_engine.memory import (GiB, MEMORY_SETTINGS, MemoryProbe, UpdateOutOfMemory,
+                                choose_micro_batch, oom_advice, resolve_micro_batch,
+                                with_memory_settings)
 from hero_engine.policy import PolicyConfig
 from hero_engine.sampling import trajectory_log_prob
 from hero_engine.session import HeroConfig, Session
@@ -38,9 +39,27 @@ def test_memory_settings_are_checked():
             HeroConfig(policy=PolicyConfig(**bad)).validate()
     # sessions written before the memory settings open with the defaults
     old = HeroConfig().to_json()
-    for k in ("micro_batch", "gradient_checkpointing", "chains_on"):
+    for k in ("micro_batch", "gradient_checkpointing", "chains_on", "release_models"):
         old["policy"].pop(k)
-    assert HeroConfig.from_json(old).policy.chains_on == "cpu"
+    opened = HeroConfig.from_json(old)
+    assert opened.policy.chains_on == "cpu" and opened.policy.release_models is True
+
+
+def test_memory_settings_replace_only_themselves():
+    c = HeroConfig(method="hero-paper", lora_rank=8, policy=PolicyConfig(lr=3e-4))
+    m = with_memory_settings(c, micro_batch=1, gradient_checkpointing=True, chains_on=None)
+    assert (m.policy.micro_batch, m.policy.gradient_checkpointing, m.policy.chains_on) == \
+        (1, True, "cpu")                                      # None keeps a setting
+    assert c.policy.micro_batch == 0, "the original config is not changed"
+    same = {k: v for k, v in m.to_json().items() if k != "policy"}
+    assert same == {k: v for k, v in c.to_json().items() if k != "policy"}
+    changed = {k for k, v in m.policy.__dict__.items() if v != getattr(c.policy, k)}
+    assert changed == {"micro_batch", "gradient_checkpointing"} <= set(MEMORY_SETTINGS)
+    assert with_memory_settings(c) is c
+    with pytest.raises(ValueError, match="not a memory setting: lr"):
+        with_memory_settings(c, lr=1.0)
+    with pytest.raises(ValueError, match="chains_on"):
+        with_memory_settings(c, chains_on="disk")
 
 
 def _round(tmp_path, name, method="ddpo-binary", **policy):

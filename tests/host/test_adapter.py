@@ -342,3 +342,112 @@ def test_interrupt_generate_and_train(pack, dirs, comfy):
         assert pack.host.train(mp, s2, SimpleNamespace(session=s2, round=0, marks=s2.marks_for(0),
                                                        batch=b)).trained
     assert s2.round == 1
+
+
+def test_memory_settings_on_host(pack, dirs, comfy, monkeypatch):
+    """The HERO Session memory widgets apply to an existing session (never listed as kept), and
+    HERO Train uses them: ComfyUI's gradient checkpointing (the same LoRA, the modules unpatched
+    afterwards), the other models unloaded during the update, a fixed micro-batch."""
+    import dataclasses
+    import torch.utils.checkpoint as tuc
+    from support.pack_import import import_pack_module
+    mm = comfy
+    N = pack.nodes
+    mem = import_pack_module("hero_engine.memory")
+    out = N.HERO_Session.execute("mem", batch_size=4, steps=3, encoder_epochs=2)
+    assert out.result[0].config.policy.release_models is True
+    out = N.HERO_Session.execute("mem", batch_size=4, steps=3, encoder_epochs=2, lora_rank=8,
+                                 micro_batch=1, gradient_checkpointing=True, chains_on="device",
+                                 mixed_precision="no", release_models=False)
+    s = out.result[0]
+    p = s.config.policy
+    assert (p.micro_batch, p.gradient_checkpointing, p.chains_on, p.mixed_precision,
+            p.release_models) == (1, True, "device", "no", False)
+    assert s.config.lora_rank == 4, "an existing session keeps its learned settings"
+    _, _, kept = N.open_session("mem", s.config.__class__(lora_rank=8, policy=p))
+    assert "lora_rank" in kept and not any(k.split(".")[-1] in mem.MEMORY_SETTINGS for k in kept)
+    with pytest.raises(ValueError, match="chains_on must be 'cpu' or 'device'"):
+        N.HERO_Session.execute("mem", chains_on="disk")
+
+    mp = make_model("sd15")
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+
+    def trained(name, **memory):
+        S = pack.engine_session
+        s = new_session(pack, dirs["output"], name=name)
+        s.config = mem.with_memory_settings(
+            dataclasses.replace(s.config, policy=dataclasses.replace(s.config.policy,
+                                                                       denoise_steps=3)),
+            **memory)
+        other = make_model("sd15")   # stands for the VAE / text encoders ComfyUI holds
+        mm.load_models_gpu([other])
+        r = mark_and_train(pack, mp, s, gen(pack, mp, "sd15", s))
+        loaded = [lm.model for lm in mm.current_loaded_models]
+        return S.Session.open(s.path).load_state()["lora"], r.metrics, any(m is other
+                                                                           for m in loaded)
+
+    base, m0, kept_other = trained("plain", release_models=False)
+    assert kept_other and m0["released_models"] == 0 and m0["checkpointed_modules"] == 0
+    assert not calls
+    ck, m1, kept_other = trained("ckpt", gradient_checkpointing=True, release_models=True)
+    assert m1["checkpointed_modules"] > 0 and len(calls) > 0, "ComfyUI's checkpointing ran"
+    assert not kept_other and m1["released_models"] >= 1, "the other models were unloaded"
+    assert not [n for n, m in mp.model.diffusion_model.named_modules() if hasattr(m, "org_forward")]
+    change = max(float(v.abs().max()) for k, v in base.items() if k.endswith(".up"))
+    assert change > 0
+    for k in base:
+        assert torch.allclose(base[k], ck[k], atol=1e-6 * max(1.0, change)), k
+    one, m2, _ = trained("mb1", micro_batch=1)
+    assert m0["train_micro_batch"] == 2 and m2["train_micro_batch"] == 1
+    assert m2["policy_backward_passes"] == 2 * m0["policy_backward_passes"]
+
+
+def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
+    """Generate merges the LoRA as plain patches, training recomputes it through weight wrappers:
+    on a trained LoRA (round 1) both give the same policy, so the stored log-probs are what the
+    update recomputes (PPO ratio 1 before the first step)."""
+    import comfy.samplers
+    from support.pack_import import import_pack_module
+    loop = import_pack_module("hero_engine.loop")
+    sampling = import_pack_module("hero_engine.sampling")
+    S = pack.engine_session
+    P = import_pack_module("hero_engine.policy")
+    mp = make_model("sd15")
+    s = S.Session.create(dirs["output"] / "ratio", S.HeroConfig(
+        method="ddpo-binary", batch_size=4, steps=3, seed=3,
+        policy=P.PolicyConfig(timesteps_per_sample=2, lr=3e-2)))
+    mark_and_train(pack, mp, s, gen(pack, mp, "sd15", s))
+    lora = s.load_state()["lora"]
+    assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith(".up")) > 0
+    b = gen(pack, mp, "sd15", s)      # round 1, with the trained LoRA merged
+    s.record_marks(1, pack.feedback.Marks([0, 1], [2, 3], 0))
+    host = pack.host
+    names = host.lora_targets(mp, s)
+    with torch.inference_mode():
+        with torch.inference_mode(False), torch.enable_grad():
+            plan = loop.prepare_learning(s, device="cpu")
+            traj = plan.trajectory
+            n, T = traj.log_probs.shape
+            tr, _ = host.attach_lora(mp, host.session_lora(s, mp, names), names, trainable=True,
+                                     copy_others=True)
+            g = comfy.samplers.CFGGuider(tr)
+            g.set_conds(b.positive, b.negative)
+            g.set_cfg(b.cfg)
+            sig = comfy.samplers.calculate_sigmas(tr.get_model_object("model_sampling"),
+                                                  "ddim_uniform", T)
+            worst = []
+
+            def run(model_wrap, extra_args, noise):
+                model_wrap.conds = host._clone_conds(model_wrap.conds)
+                den = host.make_denoiser(model_wrap, dict(extra_args))
+                with torch.no_grad():
+                    for t in range(T):
+                        lp = sampling.trajectory_log_prob(den, traj, torch.arange(n),
+                                                          torch.full((n,), t), device="cpu")
+                        worst.append(float((lp - traj.log_probs[:, t]).abs().max()))
+                return noise
+            noise = torch.zeros(n, 4, 8, 8)
+            g.sample(noise, noise.clone(), host._sampler_base()(run), sig, seed=0)
+    assert len(worst) == T and max(worst) < 1e-5, worst

@@ -36,3 +36,25 @@ def test_perf_script_reports_every_phase(tmp_path):
     # the rwr update trains denoise_steps x 8 image-steps; ppo trains batch x timesteps
     assert comfy[0]["update_image_steps"] == 8 and comfy[1]["update_image_steps"] == 2 * 5
     assert "| sd15-tiny | hero (rwr) |" in r.stdout and "Generate / KSampler" in r.stdout
+
+
+@pytest.mark.skipif(not HAVE_COMFY, reason=f"ComfyUI not found at COMFYUI_PATH={COMFYUI_PATH}")
+def test_perf_script_measures_each_memory_mode(tmp_path):
+    """Each memory mode runs in its own process on CPU (its own peak RSS) and reaches ComfyUI:
+    checkpointing patches modules, the default releases the encoders' stand-in, keep-models not."""
+    env = dict(os.environ, COMFYUI_PATH=str(COMFYUI_PATH))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "perf.py"),
+                        "--models", "sd15-tiny", "--methods", "hero", "--size", "64", "--batch",
+                        "2", "--steps", "2", "--denoise-steps", "1", "--encoder-epochs", "2",
+                        "--threads", "1", "--memory-modes", "checkpointing,keep-models,micro1",
+                        "--out", str(tmp_path)],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((tmp_path / "perf.json").read_text())["rows"]
+    assert [x["memory_mode"] for x in rows] == ["checkpointing", "keep-models", "micro1"]
+    ck, keep, one = rows
+    assert ck["memory"]["gradient_checkpointing"] and ck["checkpointed_modules"] > 0
+    assert ck["released_models"] >= 1 and keep["released_models"] == 0
+    assert keep["checkpointed_modules"] == 0 and not keep["memory"]["release_models"]
+    assert (ck["train_micro_batch"], one["train_micro_batch"]) == (2, 1)
+    assert "| checkpointing (micro-batch 2) |" in r.stdout
