@@ -203,10 +203,14 @@ class LoraWeightWrapper(torch.nn.Module):
         return w.detach() + d.to(w.dtype)  # detach: gradients reach the LoRA only, never the model
 
 
-def _copy_weight(w: torch.Tensor) -> torch.Tensor:
-    """Identity wrapper: a fresh (non-inference) copy of a frozen weight, guide 2.3 variant B;
-    detached so no gradient reaches the (shared) model's own parameters."""
-    return w.detach().clone()
+def _own_copy(w: torch.Tensor) -> torch.Tensor:
+    """Identity wrapper on a frozen weight (guide 2.3 variant B). A layer with a weight function
+    gets its weight from ``comfy.ops.cast_bias_weight`` as a copy (``cast_to(copy=True)``, in both
+    supported ComfyUI versions), made here outside inference mode: a normal tensor that autograd
+    may save, unlike the model's own inference tensors. So the wrapper needs to copy nothing
+    more (a second clone cost 12% of the PPO update on SD1.5, docs/performance.md); detached so
+    no gradient reaches the shared model."""
+    return w.detach()
 
 
 def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_others: bool):
@@ -231,9 +235,9 @@ def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_ot
             if not hasattr(m, "weight_function"):
                 continue
             if getattr(m, "weight", None) is not None and mname not in targets:
-                mp.add_weight_wrapper(f"{mname}.weight", _copy_weight)
+                mp.add_weight_wrapper(f"{mname}.weight", _own_copy)
             if getattr(m, "bias", None) is not None:
-                mp.add_weight_wrapper(f"{mname}.bias", _copy_weight)
+                mp.add_weight_wrapper(f"{mname}.bias", _own_copy)
     return mp, params
 
 
