@@ -73,6 +73,7 @@ MEMORY_MODES = {
     "micro2": {"micro_batch": 2},
     "micro8": {"micro_batch": 8},
     "micro8-checkpointing": {"micro_batch": 8, "gradient_checkpointing": True},
+    "micro2-checkpointing": {"micro_batch": 2, "gradient_checkpointing": True},
     "chains-device": {"chains_on": "device"},
     "keep-models": {"release_models": False},
     "fp32": {"mixed_precision": "no"},

@@ -137,7 +137,7 @@ def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[Memory
         tips.append(f"policy.micro_batch {max(1, micro_batch // 2)} (now {micro_batch}){save}")
     if not cfg.gradient_checkpointing:
         save = "" if act is None else f" (saves about {act * 2 / 3 / GiB:.1f} GiB)"
-        tips.append(f"policy.gradient_checkpointing true{save}; the update then takes about 1.3x longer")
+        tips.append(f"policy.gradient_checkpointing true{save}; the update then takes about 1.3-1.6x longer")
     if cfg.chains_on != "cpu" and chain_bytes > 0:
         tips.append(f"policy.chains_on \"cpu\" (saves {chain_bytes / GiB:.2f} GiB)")
     if not cfg.release_models:

@@ -248,7 +248,7 @@ class HERO_Session(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute the UNet's activations in the backward pass "
                                          "(ComfyUI's Train LoRA node does the same): much less "
-                                         "memory, the update about 1.3x slower. Turn it on for "
+                                         "memory, the update 1.3-1.6x slower. Turn it on for "
                                          "SDXL on 8-12 GB cards. Applies to an existing session "
                                          "too."),
                 io.Combo.Input("chains_on", options=["cpu", "device"], default="cpu",
