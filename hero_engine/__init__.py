@@ -1,7 +1,12 @@
 """HERO (Hiranaka et al., ICLR 2025): online human-feedback RL for diffusion models.
 
 One module per mechanism: ``sampling`` (DDIM log-probs), ``guidance`` (feedback-guided noise),
-``representation`` (triplet embedding), ``reward``, ``policy`` (PPO / D3PO), ``feedback`` (the marks
-contract), ``session`` (durable state), ``lora`` (export), ``loop`` (one round). Imports no ComfyUI.
+``representation`` (triplet embedding), ``reward``, ``extra_samples`` (unmarked samples the
+representation scores), ``policy`` (PPO / D3PO), ``denoising`` (reward-weighted denoising, `hero`'s
+update), ``memory`` (how the update fits the card), ``feedback`` (the marks contract), ``session``
+(durable state; ``fileio``, ``locks`` and ``repair`` keep it safe), ``lora`` (the LoRA and its
+export), ``publish`` (the exported files' cards), ``backends`` (a diffusers UNet), ``loop`` (one
+round). The harness: ``experiment``, ``bench``, ``cli``, ``plots`` and the ``toy`` model. Imports
+no ComfyUI.
 """
 __version__ = "0.1.0"

@@ -250,13 +250,6 @@ class MarksRegistry:
         return 200, {"saved": marks.count, "token": token, "session": req.session_id,
                      "round": req.round}
 
-    def answer_local(self, token: str, marks: Marks) -> Marks:
-        """Answer from Python (the node's text fallback, headless tools). Raises on error."""
-        status, body = self.answer(token, marks.to_json())
-        if status != 200:
-            raise MarksError(body.get("error", f"marks rejected ({status})"))
-        return marks
-
     def cancel(self, token: str, reason: str = "cancelled") -> bool:
         with self._lock:
             req = self._requests.get(token)
