@@ -294,7 +294,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     for person in sorted({person_name(r.get("flip_rate", 0.0)) for r in results}):
         for task in sorted({r["task"] for r in results}):
             series = {}
-            for method in names:
+            for method in sorted(names, key=lambda m: m == "hero"):   # hero drawn last, on top
                 runs = [r for r in results if r["task"] == task and r["method"] == method
                         and person_name(r.get("flip_rate", 0.0)) == person]
                 if not runs:
