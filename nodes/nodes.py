@@ -137,7 +137,8 @@ def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
 
 def memory_line(p: PolicyConfig) -> str:
     """One line saying how the update will fit the card."""
-    mb = "auto (from the free memory)" if p.micro_batch == 0 else str(p.micro_batch)
+    mb = ("auto (sized from the free GPU memory; on a CPU 2)" if p.micro_batch == 0
+          else str(p.micro_batch))
     return (f"update memory: micro-batch {mb}, chains on the {p.chains_on}, gradient "
             f"checkpointing {'on' if p.gradient_checkpointing else 'off'}, precision "
             f"{p.mixed_precision}, {'releases' if p.release_models else 'keeps'} the VAE and "
