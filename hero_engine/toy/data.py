@@ -220,21 +220,3 @@ def vocabulary() -> list[str]:
     words |= set(COLOUR_NAMES) | set(SHAPES) | set(PLURAL.values()) | set(NUMBERS)
     words |= {w for rel in RELATIONS for w in rel.split()}
     return sorted(words)
-
-
-def task_truth(task: str, items: list) -> bool:
-    """Ground truth of a task's intent for a drawn scene (used to test the pixel evaluators)."""
-    if task == "count":
-        return len(items) == 3 and all(s == "circle" for s, *_ in items)
-    if task == "colour":
-        return all(c == PERSONAL_COLOUR for _, c, *_ in items)
-    if task == "spatial":
-        red = [it for it in items if it[1] == "red"]
-        blue = [it for it in items if it[1] == "blue"]
-        if not red or not blue:
-            return False
-        dy, dx = blue[0][2] - red[0][2], blue[0][3] - red[0][3]
-        return dy > abs(dx)
-    if task == "removal":
-        return not any(s == "cross" and c == "red" for s, c, *_ in items)
-    raise KeyError(task)

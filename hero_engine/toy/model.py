@@ -98,11 +98,6 @@ class ToyModel:
         """Latent (VP space, [-1, 1] scale) -> images in [0, 1]."""
         return ((x + 1) / 2).clamp(0, 1)
 
-    @staticmethod
-    def encode_images(images: Tensor) -> Tensor:
-        """Images in [0, 1] -> latents."""
-        return images * 2 - 1
-
     def denoiser(self, prompts: list[str], cfg: float | None = None) -> Callable:
         """The engine's Denoiser: ``eps = d(x, t, alpha_bar, index)`` with CFG
         ``eps_u + cfg * (eps_c - eps_u)``. ``index`` picks each sample's prompt (one prompt broadcasts).

@@ -8,9 +8,27 @@ import pytest
 import torch
 
 from hero_engine.toy.data import (PERSONAL_COLOUR, SHAPES, TASK_PROMPTS, draw, sample_batch,
-                                  sample_task_scene, scene_count, scene_single, task_truth, vocabulary)
+                                  sample_task_scene, scene_count, scene_single, vocabulary)
 from hero_engine.toy.tasks import TASKS, ToyTask
 from hero_engine.toy.text import BOS, PAD, UNK, WordTokenizer
+
+
+def task_truth(task: str, items: list) -> bool:
+    """Ground truth of a task's intent for a drawn scene (used to test the pixel evaluators)."""
+    if task == "count":
+        return len(items) == 3 and all(s == "circle" for s, *_ in items)
+    if task == "colour":
+        return all(c == PERSONAL_COLOUR for _, c, *_ in items)
+    if task == "spatial":
+        red = [it for it in items if it[1] == "red"]
+        blue = [it for it in items if it[1] == "blue"]
+        if not red or not blue:
+            return False
+        dy, dx = blue[0][2] - red[0][2], blue[0][3] - red[0][3]
+        return dy > abs(dx)
+    if task == "removal":
+        return not any(s == "cross" and c == "red" for s, c, *_ in items)
+    raise KeyError(task)
 
 
 @pytest.fixture(scope="module", autouse=True)
