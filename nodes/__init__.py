@@ -15,16 +15,16 @@ except ImportError:
 
 
 def node_list() -> list:
-    from .nodes import NODES, _panel_export
-    out = list(NODES)
+    """Every HERO node, in the order ComfyUI lists them (ids in example_workflows/ and locales/)."""
+    from .nodes import (HERO_ApplyLoRA, HERO_ExportLoRA, HERO_ExportNoise, HERO_ExportPreferences,
+                        HERO_Generate, HERO_Session, HERO_Train)
     try:
         from .feedback import HERO_Feedback
-        out.insert(2, HERO_Feedback)
     except ImportError:
+        HERO_Feedback = None
         log.exception("HERO: the HERO_Feedback node could not be imported")
-    if routes is not None and hasattr(routes, "register_exporter"):
-        routes.register_exporter(_panel_export)
-    return out
+    return [n for n in (HERO_Session, HERO_Generate, HERO_Feedback, HERO_Train, HERO_ApplyLoRA,
+                        HERO_ExportLoRA, HERO_ExportPreferences, HERO_ExportNoise) if n is not None]
 
 
 class HeroExtension(ComfyExtension):

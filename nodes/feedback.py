@@ -19,11 +19,9 @@ from comfy_api.latest import io, ui
 
 from ..hero_engine.feedback import Marks, MarksError
 from . import marks as _marks
+from .sockets import CATEGORY, Batch, Feedback
 
 log = logging.getLogger("HERO")
-
-Batch = io.Custom("HERO_BATCH")
-Feedback = io.Custom("HERO_FEEDBACK")
 
 
 @dataclass
@@ -97,7 +95,7 @@ class HERO_Feedback(io.ComfyNode):
         return io.Schema(
             node_id="HERO_Feedback",
             display_name="HERO Feedback (mark images)",
-            category="HERO",
+            category=CATEGORY,
             description=(
                 "Shows this round's images for marking and waits for your answer: mark every image "
                 "good or bad (at least one of each) and pick the best good image (required in the "

@@ -7,9 +7,9 @@ engine's rules, **writes them to the session on disk**, and only then wakes the 
 200. Answers are exactly-once: a token moves ``pending -> saving -> answered`` under a lock, so two
 concurrent submissions give one 200 and one 409.
 
-The session object is duck-typed (``hero_engine.session.Session``): ``session_id``,
-``record_marks(round_idx, marks)``, ``marks_for(round_idx) -> Marks | None``,
-``best_image_path()``, ``labels_used``, ``config.budget``.
+The session is a ``hero_engine.session.Session``; this module uses its ``session_id``,
+``record_marks(round_idx, marks)``, ``marks_for(round_idx) -> Marks | None``, ``labels_used`` and
+``config.budget``, and tells a stale request by the engine's ``SessionError``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from typing import Any, Callable, Optional
 
 try:  # inside the pack
     from ..hero_engine.feedback import Marks, MarksError
+    from ..hero_engine.session import SessionDamaged, SessionError
 except ImportError:  # imported as a top-level module (tests, tools)
     from hero_engine.feedback import Marks, MarksError
+    from hero_engine.session import SessionDamaged, SessionError
 
 __all__ = ["PendingRequest", "MarksRegistry", "REGISTRY", "RequestCancelled", "MAX_IMAGES",
            "open_request", "pending", "answer", "wait", "cancel", "get"]
@@ -229,7 +231,8 @@ class MarksRegistry:
                 with self._lock:
                     req.state = "pending"
                 return 400, {"error": str(e)}
-            if type(e).__name__ == "SessionError":  # the session moved on: this request is stale
+            # the session moved on: this request is stale (a damaged file is an I/O failure, below)
+            if isinstance(e, SessionError) and not isinstance(e, SessionDamaged):
                 with self._lock:
                     req.state, req.reason = "cancelled", f"stale: {e}"
                     req.event.set()

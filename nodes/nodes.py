@@ -19,14 +19,9 @@ from ..hero_engine.policy import PolicyConfig
 from ..hero_engine.representation import RepresentationConfig
 from ..hero_engine.session import (HeroConfig, Session, SessionDamaged, SessionError,
                                    valid_session_id)
+from .sockets import CATEGORY, Batch, Feedback, SessionT
 
 log = logging.getLogger("HERO")
-
-SessionT = io.Custom("HERO_SESSION")
-Batch = io.Custom("HERO_BATCH")
-Feedback = io.Custom("HERO_FEEDBACK")
-
-CATEGORY = "HERO"
 
 
 def _nan(cls, **_inputs):
@@ -621,7 +616,7 @@ class HERO_ExportNoise(io.ComfyNode):
 
 
 def _panel_export(session, body: dict) -> dict:
-    """POST /hero/export (routes.register_exporter): ``kind`` "lora" (default), "preferences"
+    """POST /hero/export (routes.SessionViews.export): ``kind`` "lora" (default), "preferences"
     or "noise"."""
     from . import host
     kind = body.get("kind", "lora")
@@ -643,5 +638,7 @@ def _panel_export(session, body: dict) -> dict:
     return res
 
 
+# this module's nodes (the tests walk them); the pack's node list, in ComfyUI's order, is
+# nodes/__init__.py::node_list
 NODES = [HERO_Session, HERO_Generate, HERO_Train, HERO_ApplyLoRA, HERO_ExportLoRA,
          HERO_ExportPreferences, HERO_ExportNoise]

@@ -243,19 +243,26 @@ def add_routes(routes: web.RouteTableDef, registry: Optional[_marks.MarksRegistr
 
 # ---- session panel views (hero_engine only) ---------------------------------------------------
 
-_EXPORTER: Optional[Callable] = None
-
-
-def register_exporter(fn: Callable) -> None:
-    """``fn(session, body: dict) -> dict`` writes the session's LoRA (e.g. into ``models/loras``)
-    and returns ``{"path", "filename", ...}``; ``POST /hero/export`` calls it. Registered by the
-    module that implements HERO_ExportLoRA."""
-    global _EXPORTER
-    _EXPORTER = fn
-
-
 class SessionViews:
-    """Read-only summaries of the sessions under ``root`` for the session panel."""
+    """Read-only summaries of the sessions under ``root`` for the session panel, and its export.
+
+    ``exporter(session, body: dict) -> dict`` writes the session's LoRA (e.g. into
+    ``models/loras``), preferences or noises and returns ``{"path", "filename", ...}``; ``POST
+    /hero/export`` calls it. None (the default): the pack's own, ``nodes.nodes._panel_export``,
+    imported on the first export (it needs ComfyUI)."""
+
+    def __init__(self, exporter: Optional[Callable] = None):
+        self.exporter = exporter
+
+    def _exporter(self) -> Callable:
+        if self.exporter is not None:
+            return self.exporter
+        try:
+            from .nodes import _panel_export
+        except ImportError:
+            raise NotImplementedError("export from the panel is not available in this build; "
+                                      "queue the HERO Export LoRA node instead") from None
+        return _panel_export
 
     @staticmethod
     def _engine():
@@ -322,10 +329,7 @@ class SessionViews:
         s = self._open(root, sid)
         if s is None:
             raise FileNotFoundError(f"no session '{sid}'")
-        if _EXPORTER is None:
-            raise NotImplementedError("export from the panel is not available in this build; "
-                                      "queue the HERO Export LoRA node instead")
-        return _EXPORTER(s, body)
+        return self._exporter()(s, body)
 
 
 def _install() -> None:

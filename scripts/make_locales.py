@@ -5,7 +5,7 @@ front end's settings, in the layout ComfyUI's front end reads from ``GET /i18n``
 
 nodeDefs: {node_id: {display_name, description, inputs: {id: {name, tooltip}}, outputs:
 {index: {name, tooltip}}}}; settings: {setting id with '.' -> '_': {name, tooltip?, options?}}.
-tests/host/test_workflows.py checks the files match the schemas and web/js/hero.js."""
+tests/host/test_workflows.py checks the files match the schemas and web/js/hero_dom.js."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the settings web/js/hero.js declares (its names, verbatim; the test compares them)
+# the settings web/js/hero_dom.js declares (its names, verbatim; the test compares them)
 SETTINGS = {
     "HERO.DefaultMark": {"name": "HERO: default mark of a new image",
                          "tooltip": "The mark every image starts with when the marking panel opens.",
@@ -72,7 +72,7 @@ def main() -> list[Path]:
 
 
 def js_settings(js: str) -> dict:
-    """{setting id: name} as web/js/hero.js declares them."""
+    """{setting id: name} as web/js/hero_dom.js declares them."""
     consts = dict(re.findall(r'const (S_[A-Z]+) = "([^"]+)"', js))
     return {consts[c]: n for c, n in re.findall(r'\{ id: (S_[A-Z]+), name: "([^"]+)"', js)}
 

@@ -1,5 +1,7 @@
 """Feedback-guided noise, representation learning, reward, policy update, feedback contract."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,21 +299,21 @@ def test_simulated_evaluator_flip_rate():
         SimulatedEvaluator(lambda x, p: scores, 0.5, flip_rate=0.7)
 
 
-def test_marks_rules():
-    Marks([0, 2], [1, 3], 2).validate(4, has_current_best=False)
-    Marks([0], [1, 2, 3], None).validate(4, has_current_best=True)
-    cases = [
-        (Marks([0, 1, 2, 3], [], 0), "no image is marked bad"),
-        (Marks([], [0, 1, 2, 3], None), "no image is marked good"),
-        (Marks([0], [1, 2], 0), r"images \[3\] are not marked"),
-        (Marks([0, 1], [1, 2, 3], 0), "both good and bad"),
-        (Marks([0, 9], [1, 2, 3], 0), "out of range"),
-        (Marks([0], [1, 2, 3], 1), "not marked good"),
-        (Marks([0], [1, 2, 3], None), "first round must pick a best"),
-    ]
-    for m, msg in cases:
-        with pytest.raises(MarksError, match=msg):
-            m.validate(4, has_current_best=False)
+# the marking rules as one table, shared with the front end's tests (tests/browser/js)
+RULE_CASES = json.loads((Path(__file__).resolve().parents[1] / "support" / "rule_cases.json")
+                        .read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", RULE_CASES, ids=lambda c: (c["error"] or "valid").replace("\\", ""))
+def test_marks_rules(case):
+    m = Marks(case["good"], case["bad"], case["best"])
+    if case["error"] is None:
+        m.validate(case["n"], has_current_best=case["has_current_best"])
+    else:
+        with pytest.raises(MarksError, match=case["error"]):
+            m.validate(case["n"], has_current_best=case["has_current_best"])
+    if case["js"] is not None:  # the front end agrees on valid vs not
+        assert (case["js"] == []) == (case["error"] is None), case
 
 
 def test_marks_text_form():

@@ -311,7 +311,6 @@ def test_hostile_requests_never_5xx(tmp_path, pack, dirs):
     reg = marks_mod.MarksRegistry()
     s = make_session(root, "fz", trained=True)
     req = reg.open_request(s, s.round, N, IMAGES)
-    routes_hp.register_exporter(pack.nodes._panel_export)
     before = _snapshot(tmp_path)
     n_target = 10_000
     statuses: dict[int, int] = {}
@@ -319,7 +318,8 @@ def test_hostile_requests_never_5xx(tmp_path, pack, dirs):
 
     async def main():
         routes = web.RouteTableDef()
-        routes_hp.add_routes(routes, reg, lambda: root, routes_hp.SessionViews())
+        routes_hp.add_routes(routes, reg, lambda: root,
+                             routes_hp.SessionViews(exporter=pack.nodes._panel_export))
         app = web.Application()
         app.add_routes(routes)
         h = Hostile(2026, req.token, "fz")
@@ -362,10 +362,7 @@ def test_hostile_requests_never_5xx(tmp_path, pack, dirs):
             summary = await (await c.get("/hero/session/fz")).json()
             return dt, r1.status, r2.status, summary
 
-    try:
-        dt, s1, s2, summary = asyncio.run(main())
-    finally:
-        routes_hp.register_exporter(None)
+    dt, s1, s2, summary = asyncio.run(main())
     total = sum(statuses.values())
     print(f"\nhostile requests: {total} in {dt:.1f} s, statuses {dict(sorted(statuses.items()))}, "
           f"{sum(v for k, v in statuses.items() if k >= 500)} with status >= 500")

@@ -200,14 +200,14 @@ def test_keep_best_allowed_when_session_has_best(reg, session):
 
 # ---- HTTP -------------------------------------------------------------------------------------
 
-def _run_app(reg, coro_fn, root=None):
+def _run_app(reg, coro_fn, root=None, views=None):
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
     async def main():
         routes = web.RouteTableDef()
         routes_mod.add_routes(routes, reg, (lambda: root) if root else None,
-                              routes_mod.SessionViews() if root else None)
+                              (views or routes_mod.SessionViews()) if root else None)
         app = web.Application()
         app.add_routes(routes)
         async with TestClient(TestServer(app)) as client:
@@ -249,9 +249,12 @@ def test_http_routes(reg, session):
     _run_app(reg, go)
 
 
-def test_http_session_panel_routes(reg, tmp_path):
+def test_http_session_panel_routes(reg, tmp_path, monkeypatch):
     from PIL import Image
     s = make_session(tmp_path, "panel_1")
+    views = routes_mod.SessionViews()
+    # a build without the pack's exporter (nodes/nodes.py cannot be imported)
+    monkeypatch.setitem(sys.modules, routes_mod.__package__ + ".nodes", None)
     (tmp_path / "not a session").mkdir()
 
     async def go(c):
@@ -282,10 +285,7 @@ def test_http_session_panel_routes(reg, tmp_path):
         assert r.status == 404
         r = await c.post("/hero/export", json={"session": "panel_1"})
         assert r.status == 501 and "HERO Export LoRA" in (await r.json())["error"]
-        routes_mod.register_exporter(lambda sess, body: {"filename": f"hero/{sess.session_id}.safetensors"})
-        try:
-            r = await c.post("/hero/export", json={"session": "panel_1"})
-            assert r.status == 200 and (await r.json())["filename"] == "hero/panel_1.safetensors"
-        finally:
-            routes_mod.register_exporter(None)
-    _run_app(reg, go, root=tmp_path)
+        views.exporter = lambda sess, body: {"filename": f"hero/{sess.session_id}.safetensors"}
+        r = await c.post("/hero/export", json={"session": "panel_1"})
+        assert r.status == 200 and (await r.json())["filename"] == "hero/panel_1.safetensors"
+    _run_app(reg, go, root=tmp_path, views=views)

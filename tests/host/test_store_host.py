@@ -50,14 +50,14 @@ class ServerThread:
 
     def __enter__(self):
         from aiohttp import web
-        self.routes.register_exporter(self.pack.nodes._panel_export)
 
         def run():
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
             routes = web.RouteTableDef()
             self.routes.add_routes(routes, import_pack_module("nodes.marks").MarksRegistry(),
-                                   lambda: self.root, self.routes.SessionViews())
+                                   lambda: self.root,
+                                   self.routes.SessionViews(exporter=self.pack.nodes._panel_export))
             app = web.Application()
             app.add_routes(routes)
             self.runner = web.AppRunner(app)
@@ -78,7 +78,6 @@ class ServerThread:
     def __exit__(self, *exc):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
-        self.routes.register_exporter(None)
 
 
 def test_panel_exports_during_real_commits(pack, dirs):
@@ -164,12 +163,11 @@ def test_export_arguments_checked_before_loading(pack, dirs):
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
     routes = import_pack_module("nodes.routes")
-    routes.register_exporter(pack.nodes._panel_export)
 
     async def main():
         rt = web.RouteTableDef()
         routes.add_routes(rt, import_pack_module("nodes.marks").MarksRegistry(),
-                          lambda: dirs["output"], routes.SessionViews())
+                          lambda: dirs["output"], routes.SessionViews(exporter=pack.nodes._panel_export))
         app = web.Application()
         app.add_routes(rt)
         out = []
@@ -183,10 +181,7 @@ def test_export_arguments_checked_before_loading(pack, dirs):
                 r = await c.post("/hero/export", json=body)
                 out.append((r.status, (await r.json())))
         return out
-    try:
-        out = asyncio.run(main())
-    finally:
-        routes.register_exporter(None)
+    out = asyncio.run(main())
     assert [o[0] for o in out] == [400, 400, 400, 400, 400, 200], out
     assert "reads as a value" in out[0][1]["error"] and "starting with a letter" in out[1][1]["error"]
     assert "reserved device name" in out[2][1]["error"] and "must be text" in out[3][1]["error"]

@@ -268,7 +268,7 @@ def test_locales_match_the_nodes_and_settings(server):
             if i < len(tips) and tips[i]:
                 assert d["outputs"][str(i)]["tooltip"] == tips[i], (nid, i)
     sett = json.loads((en / "settings.json").read_text())
-    js = make_locales.js_settings((REPO / "web" / "js" / "hero.js").read_text())
+    js = make_locales.js_settings((REPO / "web" / "js" / "hero_dom.js").read_text())
     assert len(js) == 4
     assert {k.replace(".", "_"): v for k, v in js.items()} == {k: v["name"] for k, v in sett.items()}
     # the server merges and serves them

@@ -1,6 +1,7 @@
 // node --test tests/browser/js
 import test from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { MarkState, moveFocus, formatSeconds, etaText } from "../../../web/js/hero_rules.js";
 
 test("round 0 needs good, bad and a best", () => {
@@ -60,4 +61,23 @@ test("the wait after Submit is estimated from the last round's times", () => {
   assert.equal(etaText({ train_seconds: 40, generate_seconds: 25, seconds: 65 }),
                "next batch about 1 min 5 s after Submit (training 40 s + generating 25 s, as last round)");
   assert.ok(etaText({ train_seconds: null, generate_seconds: 25, seconds: null }).includes("about 25 s generating"));
+});
+
+// the marking rules as one table, shared with the engine's tests (tests/engine/test_mechanisms.py)
+const RULE_CASES = JSON.parse(readFileSync(new URL("../../support/rule_cases.json", import.meta.url),
+                                           "utf8")).cases;
+
+test("the shared rule table: the panel's problems agree with the engine's rules", () => {
+  let checked = 0;
+  for (const c of RULE_CASES) {
+    if (c.js === null) continue; // marks the panel cannot produce
+    const s = new MarkState(c.n, { hasCurrentBest: c.has_current_best });
+    s.good = Array.from({ length: c.n }, (_, i) => c.good.includes(i));
+    s.best = c.best;
+    assert.deepEqual(s.problems(), c.js, JSON.stringify(c));
+    assert.equal(s.valid, c.error === null, JSON.stringify(c));
+    if (c.error === null) assert.deepEqual(s.payload("t"), { token: "t", good: c.good, bad: c.bad, best: c.best });
+    checked++;
+  }
+  assert.ok(checked >= 7, `only ${checked} cases checked`);
 });

@@ -3,7 +3,7 @@ nodes that open a round of an engine session from any IMAGE batch (HERO_TestBatc
 it (HERO_TestFinish), so the marking flow is testable without the generator/trainer nodes.
 
 :func:`tests.support.stub_pack.build` assembles it in a temp dir (symlinks to the checkout's
-``hero_engine``, ``web`` and the three node modules); ComfyUI imports it like any pack.
+``hero_engine``, ``web`` and the four node modules); ComfyUI imports it like any pack.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def build(dest: Path) -> Path:
     (dest / "nodes").mkdir(parents=True)
     (dest / "hero_engine").symlink_to(REPO / "hero_engine", target_is_directory=True)
     (dest / "web").symlink_to(REPO / "web", target_is_directory=True)
-    for m in ("marks.py", "routes.py", "feedback.py"):
+    for m in ("marks.py", "routes.py", "feedback.py", "sockets.py"):
         (dest / "nodes" / m).symlink_to(REPO / "nodes" / m)
     shutil.copyfile(HERE / "pack_init.py", dest / "__init__.py")
     shutil.copyfile(HERE / "stub_nodes.py", dest / "nodes" / "__init__.py")
