@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .experiment import TOY_LR, ExperimentSpec, run_experiment
-from .session import METHOD_TRAITS
+from .experiment import (TOY_LR, ExperimentSpec, add_runtime_args, apply_runtime_args,
+                         run_experiment)
+from ..session import METHOD_TRAITS
 
 METHODS = list(METHOD_TRAITS)
 DEFAULT_METHODS = ["hero", "hero-paper", "ddpo-binary", "d3po"]
@@ -43,12 +44,12 @@ SUCCESS_KINDS = ("success", "session_success")   # fresh noise; the session's ow
 
 def parse_method(text: str) -> tuple[str, dict]:
     """``hero`` or a variant ``hero+extra_ratio=0+reward=similarity`` -> (method, overrides)."""
-    from .session import METHOD_TRAITS, HeroConfig
+    from ..session import METHOD_TRAITS, HeroConfig
     base, *parts = text.split("+")
     if base not in METHOD_TRAITS:
         raise ValueError(f"unknown method {base!r}; choose from {list(METHOD_TRAITS)}")
-    from .policy import PolicyConfig
-    from .representation import RepresentationConfig
+    from ..policy import PolicyConfig
+    from ..representation import RepresentationConfig
     fields = {f for f in HeroConfig.__dataclass_fields__} - {"method", "policy", "representation"}
     fields |= {f"policy.{f}" for f in PolicyConfig.__dataclass_fields__}
     fields |= {f"representation.{f}" for f in RepresentationConfig.__dataclass_fields__}
@@ -330,7 +331,7 @@ def _run_one(spec: ExperimentSpec, runs_dir: Path, device: str, keep_sessions: b
 
 def _cost(spec: ExperimentSpec) -> float:
     """A rough relative cost of a session, to start the longest first."""
-    from .session import HeroConfig
+    from ..session import HeroConfig
     c = HeroConfig(method=spec.method, **{k: v for k, v in spec.hero.items() if "." not in k})
     return (1 + c.extra_ratio) * (1.3 if c.uses_encoder else 1.0)
 
@@ -355,8 +356,7 @@ def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: i
 
 
 def main(argv: list[str]) -> int:
-    from .cli import add_runtime_args, apply_runtime_args
-    from .toy import TASKS
+    from ..toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine bench", description=__doc__)
     ap.add_argument("--tasks", default=",".join(sorted(TASKS)))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -442,7 +442,7 @@ def main(argv: list[str]) -> int:
     rounds = max(1, a.budget // a.batch_size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .session import HeroConfig
+    from ..session import HeroConfig
 
     def spec(task, seed, flip, label, method, over):
         over = dict(over)

@@ -5,6 +5,7 @@ evaluation seeds (hero_spec 11.11), never on the feedback-guided training batche
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -16,15 +17,31 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import loop
-from .backends import DiffusersBackend
-from .feedback import SimulatedEvaluator
-from .policy import PolicyConfig
-from .representation import RepresentationConfig
-from .session import LORA_TARGETS, HeroConfig, Session
+from .. import loop
+from ..backends import DiffusersBackend
+from ..policy import PolicyConfig
+from ..representation import RepresentationConfig
+from ..session import LORA_TARGETS, HeroConfig, Session
+from .evaluator import SimulatedEvaluator
 
 __all__ = ["ExperimentSpec", "toy_backend", "toy_config", "evaluate", "run_experiment",
-           "diversity", "TOY_LR", "toy_lr"]
+           "diversity", "TOY_LR", "toy_lr", "add_runtime_args", "apply_runtime_args"]
+
+
+def add_runtime_args(ap: argparse.ArgumentParser) -> None:
+    """--device and --threads, shared by demo and bench."""
+    ap.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
+
+
+def apply_runtime_args(a: argparse.Namespace) -> str:
+    """Set the thread count; return the device to run on."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return a.device
 
 
 @dataclass
@@ -65,7 +82,7 @@ class ExperimentSpec:
 
 
 def toy_backend(spec: ExperimentSpec, device="cpu"):
-    from .toy import TASKS, load_toy_model
+    from ..toy import TASKS, load_toy_model
     toy = load_toy_model(device=device)
     task = TASKS.get(spec.task)
     prompt = spec.prompt or (task.prompt if task else None)
@@ -245,7 +262,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
               "session": str(sess_dir)}
     if export:
-        from .lora import export_kohya
+        from ..lora import export_kohya
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
         export_kohya(be.lora_export_state(), path, metadata={
             "hero_session_id": session.session_id, "hero_rounds": str(session.round),
