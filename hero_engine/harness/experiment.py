@@ -165,7 +165,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                    log: Callable[[str], None] = print, save_grids: bool = True,
                    export: bool = False) -> dict:
     """Run ``spec.rounds`` HERO rounds with a simulated evaluator; return every measurement."""
-    from .plots import image_grid
+    from ..drawing import image_grid
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     toy, task, be = toy_backend(spec, device)

@@ -12,10 +12,10 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from ..drawing import image_grid
 from .model import ToyModel, load_toy_model
 from .tasks import TASKS
 
@@ -68,17 +68,11 @@ def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale
     dark grey otherwise."""
     from PIL import Image
 
-    n = images.shape[0]
-    rows = (n + cols - 1) // cols
-    tile = images.shape[-1] + 4
-    grid = np.zeros((rows * tile, cols * tile, 3), np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        t = np.full((tile, tile, 3), 1.0 if ok[i] else 0.25, np.float32)
-        t[2:-2, 2:-2] = images[i].permute(1, 2, 0).numpy()
-        grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
-    img = Image.fromarray((grid * 255).round().astype(np.uint8))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    frames = [(255, 255, 255) if ok[i] else (64, 64, 64) for i in range(images.shape[0])]
+    # these grids round each pixel to the nearest of the 256 levels (image_grid truncates): a
+    # value half a level above it truncates to the rounded level, so the PNGs stay as they were
+    levels = ((images.float() * 255).round() + 0.5) / 255
+    img = image_grid(levels, cols, scale=scale, frames=frames, border=2 * scale)
     img = img.quantize(64, dither=Image.Dither.NONE)  # a 64-colour palette keeps the PNGs small
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
