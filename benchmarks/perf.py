@@ -256,8 +256,8 @@ def bench_comfy(kind: str, a, device, dtype, method: str, mode: str = "default")
 # -- the toy model (engine only: there is no ComfyUI MODEL of it)
 def bench_toy(a, device, method: str, mode: str = "default") -> dict:
     from hero_engine import loop
-    from hero_engine.experiment import ExperimentSpec, toy_backend, toy_config
-    from hero_engine.feedback import SimulatedEvaluator
+    from hero_engine.harness.experiment import ExperimentSpec, toy_backend, toy_config
+    from hero_engine.harness.evaluator import SimulatedEvaluator
     from hero_engine.memory import MEMORY_SETTINGS, with_memory_settings
     from hero_engine.session import Session
     spec = ExperimentSpec(task="colour", method=method, batch_size=a.batch,

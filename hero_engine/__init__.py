@@ -6,7 +6,8 @@ representation scores), ``policy`` (PPO / D3PO), ``denoising`` (reward-weighted 
 update), ``memory`` (how the update fits the card), ``feedback`` (the marks contract), ``session``
 (durable state; ``fileio``, ``locks`` and ``repair`` keep it safe), ``lora`` (the LoRA and its
 export), ``publish`` (the exported files' cards), ``backends`` (a diffusers UNet), ``loop`` (one
-round). The harness: ``experiment``, ``bench``, ``cli``, ``plots`` and the ``toy`` model. Imports
+round), ``toy`` (the embedded toy model). Around it, never imported by it: ``harness``
+(``experiment``, ``evaluator``, ``bench``, ``cli``, ``plots``: the demo and the benchmark). Imports
 no ComfyUI.
 """
 __version__ = "0.1.0"

@@ -43,10 +43,10 @@ __all__ = ["round_generator", "plan_initial_noise", "generate_round", "LearnPlan
 Progress = Optional[Callable[[str, int, int], None]]
 
 
-def round_generator(session: Session, k: int, phase: str, device="cpu") -> torch.Generator:
+def round_generator(session: Session, round_idx: int, phase: str, device="cpu") -> torch.Generator:
     """A generator seeded by (config seed, round, phase)."""
     g = torch.Generator(device=device)
-    g.manual_seed((session.config.seed * 1_000_003 + k * 7919 + zlib.crc32(phase.encode()))
+    g.manual_seed((session.config.seed * 1_000_003 + round_idx * 7919 + zlib.crc32(phase.encode()))
                   % (2 ** 63))
     return g
 
@@ -54,20 +54,21 @@ def round_generator(session: Session, k: int, phase: str, device="cpu") -> torch
 def plan_initial_noise(session: Session, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """x_T for the round in progress: N(0, I) in round 0 (and always for a method without the
     ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise)."""
-    cfg = session.config
+    config = session.config
     gen = round_generator(session, session.round, "noise")
     st = session.load_state()
-    guided = cfg.guidance and "best" in st
+    guided = config.guidance and "best" in st
     if not guided:
-        return initial_noise(cfg.batch_size, shape, gen)
-    return initial_noise(cfg.batch_size, shape, gen, best_noise=st["best"]["noise"],
-                         pool=st.get("pool"), beta=cfg.beta, epsilon=cfg.epsilon,
-                         fresh_ratio=cfg.fresh_ratio)
+        return initial_noise(config.batch_size, shape, gen)
+    return initial_noise(config.batch_size, shape, gen, best_noise=st["best"]["noise"],
+                         pool=st.get("pool"), beta=config.beta, epsilon=config.epsilon,
+                         fresh_ratio=config.fresh_ratio)
 
 
 @dataclass
 class RoundBatch:
-    """What a round's generation produced (the HERO_BATCH the nodes pass around)."""
+    """What a round's generation produced, as ``run_round`` passes it to ``query`` (the ComfyUI
+    nodes carry their own ``nodes.host.HeroBatch`` on the HERO_BATCH socket)."""
     session: Session
     round: int
     images: Tensor          # [B, 3, H, W] in [0, 1]
@@ -84,33 +85,33 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
                    device="cpu", progress: Progress = None, micro_batch: int = 64,
                    extra_meta: Optional[dict] = None) -> RoundBatch:
     """Sample the round's batch with the current policy and store it in the session."""
-    cfg = session.config
-    k = session.round
-    if session.marks_for(k) is not None:
-        raise SessionError(f"round {k} is already marked; train it (HERO_Train) before "
+    config = session.config
+    round_idx = session.round
+    if session.marks_for(round_idx) is not None:
+        raise SessionError(f"round {round_idx} is already marked; train it (HERO_Train) before "
                            f"generating the next batch")
     t0 = time.time()
     noises, ids = plan_initial_noise(session, tuple(latent_shape))
-    gen = round_generator(session, k, "sample")
+    gen = round_generator(session, round_idx, "sample")
     trajs = []
-    for s in range(0, cfg.batch_size, micro_batch):
-        idx = torch.arange(s, min(s + micro_batch, cfg.batch_size))
+    for s in range(0, config.batch_size, micro_batch):
+        idx = torch.arange(s, min(s + micro_batch, config.batch_size))
         cb = None if progress is None else (
             lambda i, n, s=s: progress("generate", s * n // max(1, micro_batch) + i,
-                                       cfg.batch_size * n // max(1, micro_batch)))
-        trajs.append(sample_with_logprob(denoiser, noises[idx].to(device), schedule, cfg.eta,
+                                       config.batch_size * n // max(1, micro_batch)))
+        trajs.append(sample_with_logprob(denoiser, noises[idx].to(device), schedule, config.eta,
                                          generator=gen, callback=cb, index=idx.to(device),
                                          store_dtype=torch.float16))  # as the session stores it
     traj = Trajectory(torch.cat([t.latents for t in trajs]), torch.cat([t.log_probs for t in trajs]),
-                      schedule, cfg.eta)
+                      schedule, config.eta)
     with torch.no_grad():
         images = decode(traj.x0.float()).float().clamp(0, 1)
-    feats = traj.feature_latents(cfg.feature_latent)
-    session.save_generated(k, noises, traj, feats, images,
+    feats = traj.feature_latents(config.feature_latent)
+    session.save_generated(round_idx, noises, traj, feats, images,
                            {"prompts": list(prompts), "centre_ids": ids.tolist(),
                             **(extra_meta or {})})
-    session.record_timing(generate_seconds=time.time() - t0, generate_images=cfg.batch_size)
-    return RoundBatch(session, k, images, traj, noises)
+    session.record_timing(generate_seconds=time.time() - t0, generate_images=config.batch_size)
+    return RoundBatch(session, round_idx, images, traj, noises)
 
 
 @dataclass
@@ -139,21 +140,22 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
     """Steps 3-5 of a round: update the best record, train the representation network on this
     round's triplets (every marked round's with ``encoder_replay``), compute the rewards (the
     method's ``reward`` trait) and advantages. Needs the round's marks on disk."""
-    cfg = session.config
-    k = session.round
-    marks = session.marks_for(k)
+    config = session.config
+    round_idx = session.round
+    marks = session.marks_for(round_idx)
     if marks is None:
-        raise SessionError(f"round {k} has no marks yet; mark the batch first")
-    gen_data = session.load_generated(k)
+        raise SessionError(f"round {round_idx} has no marks yet; mark the batch first")
+    gen_data = session.load_generated(round_idx)
     if "latents" not in gen_data:
-        raise SessionError(f"round {k}'s trajectory is missing from {session.round_dir(k)}; "
+        raise SessionError(f"round {round_idx}'s trajectory is missing from "
+                           f"{session.round_dir(round_idx)}; "
                            f"it cannot be trained")
     st = session.load_state()
     sched = DDIMSchedule(gen_data["timesteps"], gen_data["alpha_bars"])
     # chains_on "cpu" (memory.py): the chains stay in host memory in their stored precision
     # (fp16; exact in fp32, so the PPO ratio is still 1), one micro-batch moving at a time
     lat = gen_data["latents"]
-    if cfg.policy.chains_on != "cpu":
+    if config.policy.chains_on != "cpu":
         lat = lat.to(device).float()
     traj = Trajectory(lat, gen_data["log_probs"].to(lat.device), sched, gen_data["eta"])
     n = len(traj)
@@ -163,81 +165,82 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
 
     # 3. best record (a new best leaves the good set used for positives and the noise pool)
     if marks.best is not None:
-        best = BestRecord(k, marks.best, best_score)
+        best = BestRecord(round_idx, marks.best, best_score)
         best_feature, best_noise = feats[marks.best], gen_data["noises"][marks.best]
     else:
         best = session.best
         best_feature, best_noise = st["best"]["feature"], st["best"]["noise"]
     pool = next_noise_pool(gen_data["noises"], list(marks.good), marks.best)
 
-    metrics = {"round": k, "labels": marks.count, "labels_used": session.labels_used + marks.count,
+    metrics = {"round": round_idx, "labels": marks.count,
+               "labels_used": session.labels_used + marks.count,
                "good": len(marks.good), "good_rate": len(marks.good) / n,
-               "best_changed": marks.best is not None, "method": cfg.method}
+               "best_changed": marks.best is not None, "method": config.method}
     encoder = None
     y = torch.zeros(n)
     y[list(marks.good)] = 1.0
     all_feats, all_y = feats, y
-    if cfg.uses_encoder:
+    if config.uses_encoder:
         # 4. representation learning, continued across rounds; with ``encoder_replay`` the
         # triplets come from every round marked so far (the marks are scarce, the steps cheap)
-        encoder = RepresentationTrainer(feats.shape[1], cfg.representation, seed=cfg.seed,
+        encoder = RepresentationTrainer(feats.shape[1], config.representation, seed=config.seed,
                                         device=device)
         if "encoder" in st:
             encoder.load_state_dict(st["encoder"])
-        if cfg.encoder_replay:
-            past_f, past_y = session.marked_history(k)
+        if config.encoder_replay:
+            past_f, past_y = session.marked_history(round_idx)
             all_feats, all_y = torch.cat([past_f, feats]), torch.cat([past_y, y])
         off = len(all_feats) - n
         good_all = torch.nonzero(all_y > 0.5).flatten().tolist()
         bad_all = torch.nonzero(all_y <= 0.5).flatten().tolist()
         losses = encoder.train_round(all_feats, best_feature, good_all, bad_all,
                                      None if marks.best is None else off + marks.best,
-                                     round_generator(session, k, "encoder"), n_triplets=n)
+                                     round_generator(session, round_idx, "encoder"), n_triplets=n)
         metrics.update(triplet_loss_first=losses[0], triplet_loss_last=losses[-1],
                        encoder_marks=len(all_feats))
         # 5. reward on the trunk (the paper) or head features
-        h = encoder.features(feats, cfg.reward_features)
-        if cfg.reward_mode == "similarity-to-best":
+        h = encoder.features(feats, config.reward_features)
+        if config.reward_mode == "similarity-to-best":
             sim = similarity_reward(h, encoder.features(best_feature[None],
-                                                        cfg.reward_features)[0])
+                                                        config.reward_features)[0])
         else:
             sim = similarity_to_positives(h, list(marks.good))
-        if cfg.reward == "marks+similarity":
-            rewards = mark_anchored_reward(y, sim.cpu(), cfg.mark_credit)
+        if config.reward == "marks+similarity":
+            rewards = mark_anchored_reward(y, sim.cpu(), config.mark_credit)
         else:
             rewards = sim
     else:
         rewards = binary_reward(n, list(marks.good))
     rewards = rewards.cpu()
-    adv = advantages(rewards, cfg.policy.adv_clip)
+    adv = advantages(rewards, config.policy.adv_clip)
     good_r = rewards[list(marks.good)].mean().item()
     bad_r = rewards[list(marks.bad)].mean().item()
     metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                    reward_min=rewards.min().item(), reward_max=rewards.max().item(),
                    reward_good_minus_bad=good_r - bad_r, encoder_seconds=time.time() - t0,
                    bad_above_mean=(adv[list(marks.bad)] > 0).float().mean().item())
-    return LearnPlan(k, marks, traj, rewards, adv, best, best_feature, best_noise, pool, encoder,
-                     metrics, marked_features=all_feats, marked_labels=all_y,
-                     fresh=_fresh_chains(session, k, n), device=torch.device(device))
+    return LearnPlan(round_idx, marks, traj, rewards, adv, best, best_feature, best_noise, pool,
+                     encoder, metrics, marked_features=all_feats, marked_labels=all_y,
+                     fresh=_fresh_chains(session, round_idx, n), device=torch.device(device))
 
 
 def add_extra_samples(session: Session, plan: LearnPlan, denoiser: Denoiser,
                       progress: Progress = None) -> tuple[Trajectory, Tensor]:
     """``extra_ratio`` x batch unmarked chains from N(0, I) under the policy that made the batch,
     scored by the representation (extra_samples.py) -> (their chains, their rewards)."""
-    cfg = session.config
+    config = session.config
     traj = plan.trajectory
     dev = plan.device
     cb = None if progress is None else (lambda i, n: progress("extra samples", i, n))
     t0 = time.time()
-    m = cfg.extra_samples(len(traj))
+    m = config.extra_samples(len(traj))
     extra = sample_extra(denoiser, m, tuple(traj.latents.shape[2:]),
                          traj.schedule, traj.eta, round_generator(session, plan.round, "extra"),
                          dev, micro_batch=max(1, len(traj)), index_cycle=len(traj), callback=cb)
-    feats = extra.feature_latents(cfg.feature_latent).float()
+    feats = extra.feature_latents(config.feature_latent).float()
     r_extra, p = score_extra(plan.encoder, feats, plan.marked_features, plan.marked_labels,
-                             plan.best_feature, cfg.extra_neighbours, cfg.mark_credit,
-                             cfg.reward_features)
+                             plan.best_feature, config.extra_neighbours, config.mark_credit,
+                             config.reward_features)
     plan.extra = {"x0": extra.x0.float().cpu(), "labels": p, "rewards": r_extra}
     plan.metrics.update(extra_samples=m,
                         extra_predicted_good=float((p > 0.5).float().mean()),
@@ -250,13 +253,13 @@ def policy_batch(session: Session, plan: LearnPlan, denoiser: Denoiser,
     """The chains the policy update trains on and their advantages, whitened over them: the
     marked batch (without its guided chains when the method's ``guided_policy`` is off) and the
     extra samples (``extra_ratio``)."""
-    cfg = session.config
+    config = session.config
     traj, rewards = plan.trajectory, plan.rewards
     n = len(traj)
     keep = torch.arange(n)
-    if not cfg.guided_policy and plan.fresh is not None:
+    if not config.guided_policy and plan.fresh is not None:
         keep = torch.nonzero(plan.fresh).flatten()
-    want_extra = cfg.extra_samples(n) > 0 and plan.encoder is not None
+    want_extra = config.extra_samples(n) > 0 and plan.encoder is not None
     if len(keep) == 0 and not want_extra:
         keep = torch.arange(n)       # nothing fresh to train on: the batch as it is
     if len(keep) == n and not want_extra:
@@ -273,7 +276,7 @@ def policy_batch(session: Session, plan: LearnPlan, denoiser: Denoiser,
         parts_r.append(r_extra)
     plan.metrics["policy_chains"] = sum(len(x) for x in parts_r)
     both = Trajectory(torch.cat(parts_l), torch.cat(parts_p), traj.schedule, traj.eta)
-    return both, advantages(torch.cat(parts_r), cfg.policy.adv_clip)
+    return both, advantages(torch.cat(parts_r), config.policy.adv_clip)
 
 
 def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
@@ -281,7 +284,7 @@ def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
     every image marked so far, with the rewards of the method's ``reward`` trait recomputed under
     the current representation (so earlier rounds' good images are graded as it learns), and the
     ``extra_ratio`` unmarked samples with the representation's soft labels."""
-    cfg = session.config
+    config = session.config
     traj = plan.trajectory
     dev = plan.device
     past_x0, past_y = session.marked_history(plan.round, what="x0")
@@ -292,15 +295,15 @@ def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
         x0, ys = torch.cat([past_x0.float(), x0]), torch.cat([past_y, y_now])
     else:
         ys = y_now
-    if plan.encoder is not None and cfg.reward == "marks+similarity":
+    if plan.encoder is not None and config.reward == "marks+similarity":
         past_f, _ = session.marked_history(plan.round)
-        feats = traj.feature_latents(cfg.feature_latent).float().cpu()
+        feats = traj.feature_latents(config.feature_latent).float().cpu()
         if len(past_f) == len(past_y) and len(past_y):
             feats = torch.cat([past_f, feats])
         if len(feats) == len(ys):
-            h = plan.encoder.features(feats, cfg.reward_features)
-            hb = plan.encoder.features(plan.best_feature[None], cfg.reward_features)[0]
-            r = mark_anchored_reward(ys, similarity_reward(h, hb).cpu(), cfg.mark_credit)
+            h = plan.encoder.features(feats, config.reward_features)
+            hb = plan.encoder.features(plan.best_feature[None], config.reward_features)[0]
+            r = mark_anchored_reward(ys, similarity_reward(h, hb).cpu(), config.mark_credit)
         else:
             r = ys.clone()
     else:
@@ -312,8 +315,8 @@ def denoising_set(session: Session, plan: LearnPlan) -> tuple[Tensor, Tensor]:
     return x0.to(dev), w
 
 
-def _fresh_chains(session: Session, k: int, n: int) -> Optional[Tensor]:
-    ids = session.round_meta(k).get("centre_ids")
+def _fresh_chains(session: Session, round_idx: int, n: int) -> Optional[Tensor]:
+    ids = session.round_meta(round_idx).get("centre_ids")
     return None if ids is None or len(ids) != n else torch.tensor(ids) == -1
 
 
@@ -326,7 +329,7 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
     ``denoising_set``, which trains the ``conditional`` prediction eps(x, t, c) (no guidance;
     default ``denoiser``) as LoRA fine-tuning does. The micro-batch follows the memory settings
     (memory.py); out of memory, the LoRA is kept and ``UpdateOutOfMemory`` names the fix."""
-    cfg = session.config
+    config = session.config
     pcfg = popt.config
     probe_box: dict = {}
     try:
@@ -340,7 +343,7 @@ def apply_policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser,
         chain = plan.trajectory.latents.numel() * 4 if pcfg.chains_on != "cpu" else 0
         raise UpdateOutOfMemory(
             f"out of {plan.device.type.upper()} memory in the LoRA update of round {plan.round} "
-            f"(micro-batch {mb}, method {cfg.method}); the LoRA and the marks are kept. Set "
+            f"(micro-batch {mb}, method {config.method}); the LoRA and the marks are kept. Set "
             f"(in ComfyUI: the HERO Session widget of the same name, which applies to an "
             f"existing session too; in the engine: the session config's policy settings, "
             f"hero_engine/memory.py): "
@@ -375,7 +378,7 @@ def _probe_pass(denoiser: Denoiser, plan: LearnPlan, pcfg, kind: str, x0: Option
 
 def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: PolicyOptimizer,
                    progress: Progress, conditional: Optional[Denoiser], probe_box: dict) -> dict:
-    cfg = session.config
+    config = session.config
     gen = round_generator(session, plan.round, "policy")
     cb = None if progress is None else (lambda i, n: progress("train", i, n))
     t0 = time.time()
@@ -391,12 +394,12 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
         if probe is not None:
             mem.update(probe_per_image_gib=probe.per_image / GiB, probe_free_gib=probe.free / GiB)
 
-    if cfg.update == "d3po":
+    if config.update == "d3po":
         size_micro_batch("ppo", denoiser)
         m = d3po_update(denoiser, plan.trajectory, list(plan.marks.good), list(plan.marks.bad),
                         popt, gen, cb, device=plan.device)
-    elif cfg.update == "rwr":
-        if cfg.extra_samples(len(plan.trajectory)) > 0 and plan.encoder is not None:
+    elif config.update == "rwr":
+        if config.extra_samples(len(plan.trajectory)) > 0 and plan.encoder is not None:
             add_extra_samples(session, plan, denoiser, progress)
         x0, w = denoising_set(session, plan)
         den = conditional or denoiser

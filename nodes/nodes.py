@@ -8,12 +8,12 @@ its cache (ComfyUI calls ``fingerprint_inputs(cls, **inputs)``; NaN never equals
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
+from ..hero_engine.drawing import metrics_plot
 from ..hero_engine.memory import MEMORY_SETTINGS, with_memory_settings
 from ..hero_engine.policy import PolicyConfig
 from ..hero_engine.representation import RepresentationConfig
@@ -368,49 +368,6 @@ def phase_times(m: dict) -> str:
     total = m.get("train_seconds")
     head = f"took {total:.1f} s" if isinstance(total, (int, float)) else "took"
     return head + (f": {inner}" if inner else "")
-
-
-# ---- metrics plot --------------------------------------------------------------------------------
-
-def metrics_plot(history: list[dict], width: int = 768, height: int = 512) -> torch.Tensor:
-    """A 2x2 chart of marks used, good rate, triplet loss and reward spread per round ->
-    IMAGE [1, H, W, 3]."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    panels = [("labels used", "labels_used"), ("good rate", "good_rate"),
-              ("triplet loss (last)", "triplet_loss_last"), ("reward std", "reward_std")]
-    img = Image.new("RGB", (width, height), (24, 24, 28))
-    d = ImageDraw.Draw(img)
-    pw, ph = width // 2, height // 2
-    for p, (title, key) in enumerate(panels):
-        x0, y0 = (p % 2) * pw, (p // 2) * ph
-        d.rectangle([x0 + 4, y0 + 4, x0 + pw - 4, y0 + ph - 4], outline=(80, 80, 90))
-        pts = [(h.get("round", i), h.get(key)) for i, h in enumerate(history)]
-        pts = [(r, float(v)) for r, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
-        last = f" = {pts[-1][1]:.4g}" if pts else ""
-        d.text((x0 + 12, y0 + 10), title + last, fill=(230, 230, 230))
-        if not pts:
-            d.text((x0 + 12, y0 + ph // 2), "no rounds yet", fill=(150, 150, 150))
-            continue
-        L, T, R, B = x0 + 40, y0 + 32, x0 + pw - 16, y0 + ph - 24
-        vs = [v for _, v in pts]
-        lo, hi = min(vs), max(vs)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        rs = [r for r, _ in pts]
-        r0, r1 = min(rs), max(rs) if max(rs) > min(rs) else min(rs) + 1
-        xy = [(L + (r - r0) / (r1 - r0) * (R - L), B - (v - lo) / (hi - lo) * (B - T)) for r, v in pts]
-        d.line([(L, B), (R, B)], fill=(90, 90, 100))
-        d.line([(L, T), (L, B)], fill=(90, 90, 100))
-        d.text((x0 + 6, T - 4), f"{hi:.3g}", fill=(150, 150, 150))
-        d.text((x0 + 6, B - 10), f"{lo:.3g}", fill=(150, 150, 150))
-        d.text((R - 40, B + 4), f"round {int(r1) if len(pts) > 1 else int(r0)}", fill=(150, 150, 150))
-        if len(xy) > 1:
-            d.line(xy, fill=(90, 180, 250), width=2)
-        for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(250, 200, 80))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr)[None]
 
 
 class HERO_Train(io.ComfyNode):

@@ -9,10 +9,10 @@ import sys
 import torch, shutil, json
 torch.set_num_threads(1)
 from hero_engine import loop
-from hero_engine.experiment import ExperimentSpec, toy_backend, toy_config
-from hero_engine.feedback import SimulatedEvaluator
+from hero_engine.harness.experiment import ExperimentSpec, toy_backend, toy_config
+from hero_engine.harness.evaluator import SimulatedEvaluator
 from hero_engine.session import Session
-from hero_engine.bench import BENCH_ENCODER_EPOCHS, BENCH_ENCODER_LR
+from hero_engine.harness.bench import BENCH_ENCODER_EPOCHS, BENCH_ENCODER_LR
 out = {}
 for task_name in ("colour", "count", "spatial", "removal"):
     for method in ("hero-paper", "hero"):

@@ -2,65 +2,51 @@
 
     python -m hero_engine.toy.measure --n 256 --seed 1234 [--grid docs/img]
 
-Sampling uses the engine's own sampler (``hero_engine.sampling``: diffusers DDIM "leading" timesteps,
-steps_offset=1, set_alpha_to_one=False, eta=1); if that module is missing it falls back to diffusers'
-``DDIMScheduler`` with the same settings.
+Sampling is the engine's evaluation protocol, the benchmark's: ``DiffusersBackend.sample_fresh``
+(the engine's ``hero_engine.sampling`` = diffusers DDIM "leading" timesteps, steps_offset=1,
+set_alpha_to_one=False, eta=1; the LoRA it adds is the identity, B = 0).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
+import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from ..backends import DiffusersBackend
+from ..drawing import image_grid
 from .model import ToyModel, load_toy_model
 from .tasks import TASKS
 
+_BACKENDS: "weakref.WeakKeyDictionary[ToyModel, DiffusersBackend]" = weakref.WeakKeyDictionary()
 
-@torch.no_grad()
-def sample_latents(model: ToyModel, prompts: list[str], x_T: Tensor, steps: int, cfg: float, eta: float,
-                   generator: torch.Generator) -> Tensor:
-    """Final latents of a stochastic DDIM run from ``x_T`` (one prompt per sample, or one for all)."""
-    den = model.denoiser(prompts, cfg)
-    try:
-        from hero_engine.sampling import DDIMSchedule, sample_with_logprob
-    except ImportError:  # the engine's sampler is optional for the toy package
-        DDIMSchedule = None
-    if DDIMSchedule is not None:
-        sched = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps, steps_offset=1)
-        return sample_with_logprob(den, x_T, sched, eta=eta, generator=generator).x0
-    from diffusers import DDIMScheduler
 
-    sc = model.config["scheduler"]
-    ddim = DDIMScheduler(num_train_timesteps=sc["num_train_timesteps"], beta_start=sc["beta_start"],
-                         beta_end=sc["beta_end"], beta_schedule=sc["beta_schedule"], clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-    ddim.set_timesteps(steps)
-    x, b = x_T.clone(), x_T.shape[0]
-    idx = torch.arange(b)
-    for t in ddim.timesteps:
-        tt = t.expand(b)
-        eps = den(x, tt, model.alphas_cumprod[tt], idx)
-        x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
-    return x
+def _backend(model: ToyModel) -> DiffusersBackend:
+    """The model as an engine backend, made once per model on a copy of its UNet (the backend
+    adds a LoRA; the caller's model stays as it is)."""
+    be = _BACKENDS.get(model)
+    if be is None:
+        be = DiffusersBackend(copy.deepcopy(model.unet), model.encode_prompts, model.decode,
+                              model.alphas_cumprod, model.latent_shape, [""], model.default_cfg,
+                              device=model.device)
+        _BACKENDS[model] = be
+    return be
 
 
 def sample_images(model: ToyModel, prompt: str, n: int, seed: int, steps: int | None = None,
                   cfg: float | None = None, eta: float | None = None, batch: int = 64) -> Tensor:
-    """``n`` images [n, 3, 32, 32] in [0, 1] for one prompt; reproducible from ``seed``."""
+    """``n`` images [n, 3, 32, 32] in [0, 1] for one prompt; reproducible from ``seed``
+    (``DiffusersBackend.sample_fresh``, ``batch`` chains at a time)."""
     steps = steps or model.default_steps
     cfg = model.default_cfg if cfg is None else cfg
     eta = model.default_eta if eta is None else eta
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        x_T = torch.randn((b, *model.latent_shape), generator=gen)
-        out.append(model.decode(sample_latents(model, [prompt], x_T, steps, cfg, eta, gen)))
-    return torch.cat(out)
+    be = _backend(model)
+    be.cfg = float(cfg)
+    return be.sample_fresh(n, steps, seed, eta=eta, prompts=[prompt], micro_batch=batch)
 
 
 def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale: int = 2) -> None:
@@ -68,17 +54,11 @@ def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale
     dark grey otherwise."""
     from PIL import Image
 
-    n = images.shape[0]
-    rows = (n + cols - 1) // cols
-    tile = images.shape[-1] + 4
-    grid = np.zeros((rows * tile, cols * tile, 3), np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        t = np.full((tile, tile, 3), 1.0 if ok[i] else 0.25, np.float32)
-        t[2:-2, 2:-2] = images[i].permute(1, 2, 0).numpy()
-        grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
-    img = Image.fromarray((grid * 255).round().astype(np.uint8))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    frames = [(255, 255, 255) if ok[i] else (64, 64, 64) for i in range(images.shape[0])]
+    # these grids round each pixel to the nearest of the 256 levels (image_grid truncates): a
+    # value half a level above it truncates to the rounded level, so the PNGs stay as they were
+    levels = ((images.float() * 255).round() + 0.5) / 255
+    img = image_grid(levels, cols, scale=scale, frames=frames, border=2 * scale)
     img = img.quantize(64, dither=Image.Dither.NONE)  # a 64-colour palette keeps the PNGs small
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)

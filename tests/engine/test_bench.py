@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hero_engine.bench import (area_under, bootstrap_interval, load_evaluator, markdown,
+from hero_engine.harness.bench import (area_under, bootstrap_interval, load_evaluator, markdown,
                                marks_to_reach, parse_method, success_at, summarise, verdict)
 
 
@@ -184,8 +184,8 @@ def test_bench_rejects_bad_arguments(tmp_path):
 
 def test_plot_keeps_each_method_colour(tmp_path):
     """A method has one colour in every plot, whichever methods a run compares."""
-    from hero_engine.bench import METHODS, plot
-    from hero_engine.plots import PALETTE
+    from hero_engine.harness.bench import METHODS, plot
+    from hero_engine.harness.plots import PALETTE
     from PIL import Image
     runs = [run(m, 0, [0.2, 0.4, 0.6]) for m in ("ddpo-binary",)]
     (p,) = plot(runs, tmp_path)
@@ -194,7 +194,7 @@ def test_plot_keeps_each_method_colour(tmp_path):
 
 
 def test_each_update_rule_gets_its_toy_learning_rate():
-    from hero_engine.experiment import TOY_LR, toy_lr
+    from hero_engine.harness.experiment import TOY_LR, toy_lr
     assert toy_lr("hero") == TOY_LR["rwr"] == toy_lr("rwr-binary")
     assert toy_lr("ddpo-binary") == TOY_LR["ppo"] == toy_lr("hero-paper")
     assert toy_lr("d3po") == TOY_LR["d3po"]
@@ -205,7 +205,7 @@ def test_each_update_rule_gets_its_toy_learning_rate():
 
 def test_report_of_a_protocol_run_in_parts(tmp_path):
     """Two bench.json files (e.g. one per simulated person) are reported as one run."""
-    from hero_engine.bench import report
+    from hero_engine.harness.bench import report
     exact = [run("hero", s, [0.2, 0.6, 0.9]) for s in range(2)]
     exact += [run("ddpo-binary", s, [0.2, 0.3, 0.4]) for s in range(2)]
     flips = [run("hero", s, [0.2, 0.5, 0.8], flip=0.1) for s in range(2)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hero_engine.experiment import ExperimentSpec, run_experiment
+from hero_engine.harness.experiment import ExperimentSpec, run_experiment
 from hero_engine.lora import load_kohya
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,12 +44,12 @@ def test_toy_export_reproduces_session_model_in_diffusers(tmp_path):
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
     from hero_engine.toy import load_toy_model
 
-    from hero_engine.experiment import toy_lr
+    from hero_engine.harness.experiment import toy_lr
     spec = ExperimentSpec(task="colour", rounds=1, batch_size=8, eval_n=8, steps=6,
                           lr=toy_lr("hero"), encoder_epochs=5)
     res = run_experiment(spec, tmp_path, save_grids=False, export=True, log=lambda s: None)
     # rebuild the session model: toy UNet + the session's LoRA
-    from hero_engine.experiment import toy_backend
+    from hero_engine.harness.experiment import toy_backend
     from hero_engine.session import Session
     _, _, be = toy_backend(spec)
     be.load_session(Session.open(res["session"]))

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hero_engine.feedback import Marks, MarksError, SimulatedEvaluator, best_from_candidates
+from hero_engine.feedback import Marks, MarksError, best_from_candidates
+from hero_engine.harness.evaluator import SimulatedEvaluator
 from hero_engine.guidance import initial_noise, next_noise_pool
 from hero_engine.policy import PolicyConfig, PolicyOptimizer, UpdateRejected, d3po_update, ppo_update
 from hero_engine.representation import (RepresentationConfig, RepresentationNet,

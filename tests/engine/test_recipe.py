@@ -8,7 +8,7 @@ import torch
 
 from hero_engine import loop
 from hero_engine.extra_samples import neighbour_labels
-from hero_engine.feedback import SimulatedEvaluator
+from hero_engine.harness.evaluator import SimulatedEvaluator
 from hero_engine.policy import PolicyOptimizer, ppo_update
 from hero_engine.reward import advantages, mark_anchored_reward, within_class_rank
 from hero_engine.sampling import trajectory_log_prob

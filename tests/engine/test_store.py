@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from hero_engine import loop
-from hero_engine.feedback import Marks, SimulatedEvaluator
+from hero_engine.feedback import Marks
+from hero_engine.harness.evaluator import SimulatedEvaluator
 from hero_engine.locks import FolderLock
 from hero_engine.repair import RepairError, repair
 from hero_engine.session import Session, SessionDamaged, SessionError
@@ -53,7 +54,7 @@ def write_lora(st, s, out: Path, tag: str) -> dict:
 
 
 def toy_session(path: Path, rounds: int):
-    from hero_engine.experiment import ExperimentSpec, toy_backend, toy_config
+    from hero_engine.harness.experiment import ExperimentSpec, toy_backend, toy_config
     spec = ExperimentSpec(task="colour", rounds=rounds, batch_size=4, encoder_epochs=2,
                           ppo_timesteps=1, ppo_batch=4)
     toy, task, be = toy_backend(spec)

@@ -153,19 +153,32 @@ def test_base_success_is_a_real_rate(model):
     assert 0.0 < rate < 1.0
 
 
-def test_schedule_and_fallback_sampler_match(model, monkeypatch):
-    """alphas_cumprod equals diffusers' DDPMScheduler's; measure's diffusers-DDIM fallback reproduces the
-    engine's sampler (same generator, same noise)."""
-    import sys
+def test_schedule_and_fallback_sampler_match(model):
+    """alphas_cumprod equals diffusers' DDPMScheduler's; diffusers' DDIMScheduler with measure's
+    settings (once measure.py's fallback, now the reference here) reproduces the engine's sampler
+    (same generator, same noise)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-    from diffusers import DDPMScheduler
-
-    from hero_engine.toy.measure import sample_latents
+    from hero_engine.sampling import DDIMSchedule, sample_with_logprob
 
     ac = DDPMScheduler(**model.config["scheduler"]).alphas_cumprod
     assert torch.equal(ac, model.alphas_cumprod)
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    a = sample_latents(model, ["a square"], x_T, 4, 3.0, 1.0, torch.Generator().manual_seed(1))
-    monkeypatch.setitem(sys.modules, "hero_engine.sampling", None)  # force the fallback
-    b = sample_latents(model, ["a square"], x_T, 4, 3.0, 1.0, torch.Generator().manual_seed(1))
+    den = model.denoiser(["a square"], 3.0)
+    with torch.no_grad():
+        sched = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, 4, steps_offset=1)
+        a = sample_with_logprob(den, x_T, sched, eta=1.0,
+                                generator=torch.Generator().manual_seed(1)).x0
+        sc = model.config["scheduler"]
+        ddim = DDIMScheduler(num_train_timesteps=sc["num_train_timesteps"],
+                             beta_start=sc["beta_start"], beta_end=sc["beta_end"],
+                             beta_schedule=sc["beta_schedule"], clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+        ddim.set_timesteps(4)
+        gen = torch.Generator().manual_seed(1)
+        b, idx = x_T.clone(), torch.arange(2)
+        for t in ddim.timesteps:
+            tt = t.expand(2)
+            eps = den(b, tt, model.alphas_cumprod[tt], idx)
+            b = ddim.step(eps, t, b, eta=1.0, generator=gen).prev_sample
     assert torch.allclose(a, b, atol=1e-4)

@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from hero_engine.backends import DiffusersBackend
-from hero_engine.feedback import SimulatedEvaluator
+from hero_engine.harness.evaluator import SimulatedEvaluator
 from hero_engine.session import HeroConfig
 from hero_engine.policy import PolicyConfig
 from hero_engine.representation import RepresentationConfig

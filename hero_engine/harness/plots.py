@@ -1,15 +1,13 @@
-"""Small PNG line plots and image grids drawn with Pillow (no matplotlib dependency, so the node
-pack can draw its metrics panel inside any ComfyUI install)."""
+"""The harness's line plots (the demo's success against marks, the benchmark's curves), drawn with
+Pillow like the engine's pictures (``hero_engine/drawing.py``: the image grid, the metrics chart)."""
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["line_plot", "metrics_panel", "image_grid"]
+__all__ = ["line_plot", "PALETTE"]
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
@@ -92,52 +90,3 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         d.text((L + 28, ly), name, fill="black", font=fs)
         ly += 15
     return img
-
-
-def metrics_panel(history: list[dict], size=(900, 300)) -> Image.Image:
-    """The session's per-round metrics: good rate, triplet loss and reward spread vs labels used."""
-    W, H = size
-    x = [h.get("labels_used", i) for i, h in enumerate(history)]
-    panels = [
-        line_plot({"good rate": (x, [h.get("good_rate") for h in history])},
-                  title="good rate per round", xlabel="labels used", ylim=(0, 1),
-                  size=(W // 3, H)),
-        line_plot({"first": (x, [h.get("triplet_loss_first") for h in history]),
-                   "last": (x, [h.get("triplet_loss_last") for h in history])},
-                  title="triplet loss", xlabel="labels used", size=(W // 3, H)),
-        line_plot({"std": (x, [h.get("reward_std") for h in history]),
-                   "good-bad": (x, [h.get("reward_good_minus_bad") for h in history])},
-                  title="reward spread", xlabel="labels used", size=(W - 2 * (W // 3), H)),
-    ]
-    out = Image.new("RGB", size, "white")
-    xo = 0
-    for p in panels:
-        out.paste(p, (xo, 0))
-        xo += p.width
-    return out
-
-
-def image_grid(images: torch.Tensor, ncol: int = 8, marks: Optional[dict] = None,
-               scale: int = 1) -> Image.Image:
-    """images [B, 3, H, W] in [0, 1] -> a grid; marks {"good": [...], "best": i} draws green/red
-    frames and a gold frame around the best."""
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
-    n, h, w, _ = arr.shape
-    ncol = max(1, min(ncol, n))
-    nrow = math.ceil(n / ncol)
-    b = 3
-    cw, ch = w * scale + 2 * b, h * scale + 2 * b
-    out = Image.new("RGB", (ncol * cw, nrow * ch), (255, 255, 255))
-    good = set((marks or {}).get("good", []))
-    best = (marks or {}).get("best")
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        tile = Image.fromarray(arr[i])
-        if scale != 1:
-            tile = tile.resize((w * scale, h * scale), Image.NEAREST)
-        if marks is not None:
-            col = (255, 190, 0) if i == best else ((40, 170, 60) if i in good else (200, 50, 50))
-            ImageDraw.Draw(out).rectangle([c * cw, r * ch, c * cw + cw - 1, r * ch + ch - 1],
-                                          fill=col)
-        out.paste(tile, (c * cw + b, r * ch + b))
-    return out

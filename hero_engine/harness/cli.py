@@ -7,30 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-
-def add_runtime_args(ap: argparse.ArgumentParser) -> None:
-    """--device and --threads, shared by demo and bench."""
-    ap.add_argument("--device", default="auto", help="auto: the GPU when there is one")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
-
-
-def apply_runtime_args(a: argparse.Namespace) -> str:
-    """Set the thread count; return the device to run on."""
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return a.device
-
 
 def demo(argv: list[str]) -> int:
-    from .experiment import ExperimentSpec, run_experiment, toy_lr
+    from .experiment import (ExperimentSpec, add_runtime_args, apply_runtime_args,
+                             run_experiment, toy_lr)
     from .plots import line_plot
-    from .session import METHOD_TRAITS
-    from .toy import TASKS
+    from ..session import METHOD_TRAITS
+    from ..toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine demo",
                                  description="A whole HERO session on the embedded toy model, "
                                              "marked by a simulated evaluator.")
@@ -80,8 +63,8 @@ def demo(argv: list[str]) -> int:
 
 
 def repair(argv: list[str]) -> int:
-    from .repair import repair as do_repair
-    from .session import Session, SessionError
+    from ..repair import repair as do_repair
+    from ..session import Session, SessionError
     ap = argparse.ArgumentParser(
         prog="python -m hero_engine repair",
         description="Check a HERO session folder and restore it to its last complete state "

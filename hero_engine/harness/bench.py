@@ -17,19 +17,21 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .experiment import TOY_LR, ExperimentSpec, run_experiment
-from .session import METHOD_TRAITS
+from .experiment import (TOY_LR, ExperimentSpec, add_runtime_args, apply_runtime_args,
+                         run_experiment)
+from ..session import METHOD_TRAITS
 
-METHODS = list(METHOD_TRAITS)
+METHODS = list(METHOD_TRAITS)     # what a method does is its traits, never its name
 DEFAULT_METHODS = ["hero", "hero-paper", "ddpo-binary", "d3po"]
-# Bench scale. 6 DDIM steps (eta 1, cfg 3) keep the toy's samples clean and every task's base
-# success inside 5-40% (count 30%, colour 25%, spatial 23%, removal 27% on 256 samples) at under a
-# third of the demo's 20-step cost.
+# The methods' roles in the report:
+REFERENCE = "hero"               # paired differences and marks ratios are to it; drawn on top
+AUC_BASELINE = "ddpo-binary"     # the target: the reference's AUC at least this one's
+RATIO_TARGETS = (("ddpo-binary", 2), ("d3po", 4))   # to 80%: at most 1/x of their marks
+# Bench scale: each setting and why it was chosen, with the measurements, in docs/benchmarks.md
+# ("Bench scale").
 BENCH_STEPS = 6
 BENCH_PPO_TIMESTEPS = 1      # 1 of 6 steps per chain, the nearest to HERO's 5 of 50
 BENCH_PPO_BATCH = 8          # the official 8 samples per AdamW step, in one backward pass
-# The encoder at the official lr 1e-5 leaves the round-0 triplet loss at 0.48 after 100 steps
-# (0.04 after 200); at 1e-4 it reaches 0 within 100 steps in every round.
 BENCH_ENCODER_EPOCHS = 100
 BENCH_ENCODER_LR = 1e-4
 BENCH_D3PO_LR = TOY_LR["d3po"]
@@ -37,18 +39,18 @@ BENCH_RWR_LR = TOY_LR["rwr"]
 MILESTONES = (128, 256, 512)
 TARGETS = (0.5, 0.8)
 BOOTSTRAP = 2000
-BENCH_EVAL_N = 64      # fresh samples per evaluation (docs/benchmarks.md: bench scale)
+BENCH_EVAL_N = 64      # fresh samples per evaluation
 SUCCESS_KINDS = ("success", "session_success")   # fresh noise; the session's own (guided) batch
 
 
 def parse_method(text: str) -> tuple[str, dict]:
     """``hero`` or a variant ``hero+extra_ratio=0+reward=similarity`` -> (method, overrides)."""
-    from .session import METHOD_TRAITS, HeroConfig
+    from ..session import METHOD_TRAITS, HeroConfig
     base, *parts = text.split("+")
     if base not in METHOD_TRAITS:
         raise ValueError(f"unknown method {base!r}; choose from {list(METHOD_TRAITS)}")
-    from .policy import PolicyConfig
-    from .representation import RepresentationConfig
+    from ..policy import PolicyConfig
+    from ..representation import RepresentationConfig
     fields = {f for f in HeroConfig.__dataclass_fields__} - {"method", "policy", "representation"}
     fields |= {f"policy.{f}" for f in PolicyConfig.__dataclass_fields__}
     fields |= {f"representation.{f}" for f in RepresentationConfig.__dataclass_fields__}
@@ -185,7 +187,7 @@ def summarise(results: list[dict]) -> dict:
                     row[f"success@{m}"] = _median([success_at(r["curve"], m) for r in runs])
                 row["by_seed"] = {r["seed"]: r for r in runs}
                 rows[method] = row
-            hero = rows.get("hero")
+            hero = rows.get(REFERENCE)
             for method, row in rows.items():
                 for key in SUCCESS_KINDS:
                     pre = "" if key == "success" else "session_"
@@ -218,20 +220,20 @@ def verdict(summary: dict) -> list[str]:
     of d3po's (or they never get there). A baseline that was not run fails its check."""
     lines = []
     for person, by_task in summary.items():
+        ref, base = REFERENCE, AUC_BASELINE
         reached = [t for t, rows in by_task.items()
-                   if rows.get("hero", {}).get("marks_to_80") not in (None, float("inf"))]
-        auc_ok = [t for t, rows in by_task.items() if "hero" in rows and "ddpo-binary" in rows
-                  and rows["hero"]["auc"] is not None and rows["ddpo-binary"]["auc"] is not None
-                  and rows["hero"]["auc"] >= rows["ddpo-binary"]["auc"]]
+                   if rows.get(ref, {}).get("marks_to_80") not in (None, float("inf"))]
+        auc_ok = [t for t, rows in by_task.items() if ref in rows and base in rows
+                  and rows[ref]["auc"] is not None and rows[base]["auc"] is not None
+                  and rows[ref]["auc"] >= rows[base]["auc"]]
         ratio_ok = []
         for t in reached:
             rows = by_task[t]
-            ok = all(b in rows and (rows[b]["ratio_80"] or 0) >= need for b, need in
-                     (("ddpo-binary", 2), ("d3po", 4)))
+            ok = all(b in rows and (rows[b]["ratio_80"] or 0) >= need for b, need in RATIO_TARGETS)
             if ok:
                 ratio_ok.append(t)
-        lines.append(f"- {person}: hero reaches 80% on {len(reached)}/{len(by_task)} tasks "
-                     f"({', '.join(sorted(reached)) or 'none'}); AUC >= ddpo-binary on "
+        lines.append(f"- {person}: {ref} reaches 80% on {len(reached)}/{len(by_task)} tasks "
+                     f"({', '.join(sorted(reached)) or 'none'}); AUC >= {base} on "
                      f"{len(auc_ok)}/{len(by_task)} ({', '.join(sorted(auc_ok)) or 'none'}); "
                      f"marks-to-80% ratios met on {len(ratio_ok)}/{len(reached)} of those "
                      f"reached ({', '.join(sorted(ratio_ok)) or 'none'}).")
@@ -294,7 +296,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     for person in sorted({person_name(r.get("flip_rate", 0.0)) for r in results}):
         for task in sorted({r["task"] for r in results}):
             series = {}
-            for method in sorted(names, key=lambda m: m == "hero"):   # hero drawn last, on top
+            for method in sorted(names, key=lambda m: m == REFERENCE):   # drawn last, on top
                 runs = [r for r in results if r["task"] == task and r["method"] == method
                         and person_name(r.get("flip_rate", 0.0)) == person]
                 if not runs:
@@ -330,7 +332,7 @@ def _run_one(spec: ExperimentSpec, runs_dir: Path, device: str, keep_sessions: b
 
 def _cost(spec: ExperimentSpec) -> float:
     """A rough relative cost of a session, to start the longest first."""
-    from .session import HeroConfig
+    from ..session import HeroConfig
     c = HeroConfig(method=spec.method, **{k: v for k, v in spec.hero.items() if "." not in k})
     return (1 + c.extra_ratio) * (1.3 if c.uses_encoder else 1.0)
 
@@ -338,8 +340,8 @@ def _cost(spec: ExperimentSpec) -> float:
 def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: int,
             threads: Optional[int] = None, keep_sessions: bool = True) -> list[dict]:
     """Run every session, ``workers`` at a time in separate processes (small torch ops scale
-    badly over threads: two one-thread processes beat one two-thread process by about 1.2x on
-    2 cores). Results come back in the order of ``specs``."""
+    badly over threads: docs/benchmarks.md, "Run time of the full protocol"). Results come back in
+    the order of ``specs``."""
     if workers <= 1:
         return [_run_one(s, runs_dir, device, keep_sessions) for s in specs]
     import multiprocessing as mp
@@ -355,8 +357,7 @@ def run_all(specs: list[ExperimentSpec], runs_dir: Path, device: str, workers: i
 
 
 def main(argv: list[str]) -> int:
-    from .cli import add_runtime_args, apply_runtime_args
-    from .toy import TASKS
+    from ..toy import TASKS
     ap = argparse.ArgumentParser(prog="python -m hero_engine bench", description=__doc__)
     ap.add_argument("--tasks", default=",".join(sorted(TASKS)))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -419,7 +420,7 @@ def main(argv: list[str]) -> int:
     if not 0 <= a.fresh_ratio < 1:
         ap.error(f"--fresh-ratio must be in [0, 1), got {a.fresh_ratio}")
     if a.quick:
-        a.tasks, a.methods, a.seeds, a.budget = "colour", "hero,ddpo-binary", "0", 256
+        a.tasks, a.methods, a.seeds, a.budget = "colour", f"{REFERENCE},{AUC_BASELINE}", "0", 256
         flips = [0.0]
     tasks = [t for t in a.tasks.split(",") if t]
     methods = []
@@ -442,7 +443,7 @@ def main(argv: list[str]) -> int:
     rounds = max(1, a.budget // a.batch_size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .session import HeroConfig
+    from ..session import HeroConfig
 
     def spec(task, seed, flip, label, method, over):
         over = dict(over)

@@ -5,6 +5,7 @@ evaluation seeds (hero_spec 11.11), never on the feedback-guided training batche
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -16,15 +17,31 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import loop
-from .backends import DiffusersBackend
-from .feedback import SimulatedEvaluator
-from .policy import PolicyConfig
-from .representation import RepresentationConfig
-from .session import LORA_TARGETS, HeroConfig, Session
+from .. import loop
+from ..backends import DiffusersBackend
+from ..policy import PolicyConfig
+from ..representation import RepresentationConfig
+from ..session import LORA_TARGETS, HeroConfig, Session
+from .evaluator import SimulatedEvaluator
 
 __all__ = ["ExperimentSpec", "toy_backend", "toy_config", "evaluate", "run_experiment",
-           "diversity", "TOY_LR", "toy_lr"]
+           "diversity", "TOY_LR", "toy_lr", "add_runtime_args", "apply_runtime_args"]
+
+
+def add_runtime_args(ap: argparse.ArgumentParser) -> None:
+    """--device and --threads, shared by demo and bench."""
+    ap.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; use 1 on a busy machine)")
+
+
+def apply_runtime_args(a: argparse.Namespace) -> str:
+    """Set the thread count; return the device to run on."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return a.device
 
 
 @dataclass
@@ -39,14 +56,14 @@ class ExperimentSpec:
     eval_seed: int = 10_000
     eval_every: int = 1           # measure success after every k rounds (0: only first and last)
     steps: Optional[int] = None   # default: the toy model's
-    cfg: Optional[float] = None
+    guidance_scale: Optional[float] = None   # CFG scale; default: the toy model's
     ppo_timesteps: int = 5        # timesteps trained per sample (PolicyConfig.timesteps_per_sample)
     # samples per backward pass; gradient accumulation keeps the official 8 samples per AdamW
     # step (2 x 4), so a larger value computes the same update in fewer, faster passes on a CPU
     ppo_batch: int = 2
     lr: float = 1e-2              # the toy-scale PPO rate; toy_lr(method) gives each method's
     encoder_epochs: int = 200
-    encoder_lr: float = 1e-5      # official; at 1e-5 the round-0 triplet loss needs ~200 steps
+    encoder_lr: float = 1e-5      # official (the bench's rate: docs/benchmarks.md, bench scale)
     # the official encoder (2048 -> 2048/1024/512) is sized for 4x64x64 SD latents; the toy's
     # small images get a 4x narrower one so a round fits the CPU demo budget
     encoder_trunk: int = 512
@@ -65,29 +82,24 @@ class ExperimentSpec:
 
 
 def toy_backend(spec: ExperimentSpec, device="cpu"):
-    from .toy import TASKS, load_toy_model
+    from ..toy import TASKS, load_toy_model
     toy = load_toy_model(device=device)
     task = TASKS.get(spec.task)
     prompt = spec.prompt or (task.prompt if task else None)
     if prompt is None:
         raise ValueError(f"unknown task {spec.task!r}: choose one of {sorted(TASKS)} or give "
                          f"--prompt with --evaluator")
-    cfg = spec.cfg if spec.cfg is not None else toy.default_cfg
+    scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_cfg
     be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
-                          toy.latent_shape, [prompt], cfg=cfg, rank=4, alpha=4.0, family="toy",
+                          toy.latent_shape, [prompt], cfg=scale, rank=4, alpha=4.0, family="toy",
                           device=device, lora_seed=spec.seed,
                           targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
                               k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
     return toy, task, be
 
 
-# The LoRA learning rate at toy scale, per update rule (the SD defaults are in PolicyConfig):
-# - ppo: the official lr 1e-3 barely moves the 1 M-parameter toy UNet's LoRA within 8 rounds;
-#   1e-2 moves it, 3e-2 diverges (docs/benchmarks.md);
-# - d3po: its authors train 10x slower than DDPO (3e-5 vs 3e-4); 3e-4 stayed flat, 3e-3
-#   collapsed a seed;
-# - rwr: the denoising loss is the model's own training loss; 1e-3 (3e-4 learns about half as
-#   fast in the same 100 steps, docs/benchmarks.md).
+# The LoRA learning rate at toy scale, per update rule (the SD defaults are in PolicyConfig); the
+# rates tried and why these were kept: docs/benchmarks.md, "Bench scale".
 TOY_LR = {"ppo": 1e-2, "d3po": 1e-3, "rwr": 1e-3}
 
 
@@ -101,7 +113,7 @@ def toy_lr(method: str, overrides: Optional[dict] = None) -> float:
 _SAMPLES_PER_STEP = PolicyConfig.train_batch_size * PolicyConfig.grad_accum
 
 
-def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
+def toy_config(spec: ExperimentSpec, steps: int, guidance_scale: float) -> HeroConfig:
     extra = {k: v for k, v in spec.hero.items() if "." not in k}
     sub = {"policy": {}, "representation": {}}
     for k, v in spec.hero.items():     # "policy.clip_range" etc.: the nested settings
@@ -110,7 +122,8 @@ def toy_config(spec: ExperimentSpec, steps: int, cfg: float) -> HeroConfig:
             sub[part][name] = v
     if spec.reward_features is not None:
         extra["reward_features"] = spec.reward_features
-    return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps, cfg=cfg,
+    return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps,
+                      cfg=guidance_scale,
                       budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
                       policy=PolicyConfig(**{
@@ -148,7 +161,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                    log: Callable[[str], None] = print, save_grids: bool = True,
                    export: bool = False) -> dict:
     """Run ``spec.rounds`` HERO rounds with a simulated evaluator; return every measurement."""
-    from .plots import image_grid
+    from ..drawing import image_grid
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     toy, task, be = toy_backend(spec, device)
@@ -245,7 +258,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
               "session": str(sess_dir)}
     if export:
-        from .lora import export_kohya
+        from ..lora import export_kohya
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
         export_kohya(be.lora_export_state(), path, metadata={
             "hero_session_id": session.session_id, "hero_rounds": str(session.round),
