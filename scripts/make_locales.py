@@ -57,6 +57,11 @@ def node_defs() -> dict:
 
 
 def settings() -> dict:
+    declared = js_settings((ROOT / "web" / "js" / "hero_dom.js").read_text())
+    names = {k: v["name"] for k, v in SETTINGS.items()}
+    if declared != names:
+        raise SystemExit(f"web/js/hero_dom.js declares the settings {declared}, this script "
+                         f"{names}: update SETTINGS here to match the front end")
     return {k.replace(".", "_"): v for k, v in SETTINGS.items()}
 
 
