@@ -74,3 +74,30 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [m])
     assert not circles, circles
+
+
+# ComfyUI's top-level modules (a ComfyUI install puts them on sys.path): only nodes/ may import them
+COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config",
+                   "folder_paths", "server", "nodes", "node_helpers", "execution",
+                   "latent_preview", "comfyui_version", "app", "utils"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_only_nodes_imports_comfyui():
+    """hero_engine (harness included) and the pack's entry file import no ComfyUI module: the
+    entry file reaches ComfyUI only through ``from .nodes import ...``."""
+    files = sorted(PKG.rglob("*.py")) + [PKG.parent / "__init__.py"]
+    found = {str(p.relative_to(PKG.parent)): sorted(_top_level_imports(p) & COMFYUI_MODULES)
+             for p in files}
+    assert not {f: m for f, m in found.items() if m}
+    # the check sees an import of ComfyUI where there is one
+    assert "comfy_api" in _top_level_imports(PKG.parent / "nodes" / "sockets.py")
