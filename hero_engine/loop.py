@@ -51,16 +51,20 @@ def round_generator(session: Session, k: int, phase: str, device="cpu") -> torch
     return g
 
 
-def plan_initial_noise(session: Session, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def plan_initial_noise(session: Session, shape: tuple[int, ...], batch_size: Optional[int] = None,
+                       state: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """x_T for the round in progress: N(0, I) in round 0 (and always for a method without the
-    ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise)."""
+    ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise). ``batch_size``:
+    this round's size (default the config's); ``state``: the session's learned state if the
+    caller has loaded it already."""
     cfg = session.config
+    n = cfg.batch_size if batch_size is None else int(batch_size)
     gen = round_generator(session, session.round, "noise")
-    st = session.load_state()
+    st = session.load_state() if state is None else state
     guided = cfg.guidance and "best" in st
     if not guided:
-        return initial_noise(cfg.batch_size, shape, gen)
-    return initial_noise(cfg.batch_size, shape, gen, best_noise=st["best"]["noise"],
+        return initial_noise(n, shape, gen)
+    return initial_noise(n, shape, gen, best_noise=st["best"]["noise"],
                          pool=st.get("pool"), beta=cfg.beta, epsilon=cfg.epsilon,
                          fresh_ratio=cfg.fresh_ratio)
 
@@ -82,22 +86,26 @@ class RoundBatch:
 def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tensor], Tensor],
                    schedule: DDIMSchedule, latent_shape: tuple[int, ...], prompts: list[str],
                    device="cpu", progress: Progress = None, micro_batch: int = 64,
-                   extra_meta: Optional[dict] = None) -> RoundBatch:
-    """Sample the round's batch with the current policy and store it in the session."""
+                   extra_meta: Optional[dict] = None, batch_size: Optional[int] = None,
+                   state: Optional[dict] = None) -> RoundBatch:
+    """Sample the round's batch with the current policy and store it in the session.
+    ``batch_size``: this round's size (default the config's; the config is left as it is);
+    ``state``: the session's learned state if the caller has loaded it already."""
     cfg = session.config
     k = session.round
     if session.marks_for(k) is not None:
         raise SessionError(f"round {k} is already marked; train it (HERO_Train) before "
                            f"generating the next batch")
     t0 = time.time()
-    noises, ids = plan_initial_noise(session, tuple(latent_shape))
+    size = cfg.batch_size if batch_size is None else int(batch_size)
+    noises, ids = plan_initial_noise(session, tuple(latent_shape), size, state)
     gen = round_generator(session, k, "sample")
     trajs = []
-    for s in range(0, cfg.batch_size, micro_batch):
-        idx = torch.arange(s, min(s + micro_batch, cfg.batch_size))
+    for s in range(0, size, micro_batch):
+        idx = torch.arange(s, min(s + micro_batch, size))
         cb = None if progress is None else (
             lambda i, n, s=s: progress("generate", s * n // max(1, micro_batch) + i,
-                                       cfg.batch_size * n // max(1, micro_batch)))
+                                       size * n // max(1, micro_batch)))
         trajs.append(sample_with_logprob(denoiser, noises[idx].to(device), schedule, cfg.eta,
                                          generator=gen, callback=cb, index=idx.to(device),
                                          store_dtype=torch.float16))  # as the session stores it
@@ -109,7 +117,7 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
     session.save_generated(k, noises, traj, feats, images,
                            {"prompts": list(prompts), "centre_ids": ids.tolist(),
                             **(extra_meta or {})})
-    session.record_timing(generate_seconds=time.time() - t0, generate_images=cfg.batch_size)
+    session.record_timing(generate_seconds=time.time() - t0, generate_images=size)
     return RoundBatch(session, k, images, traj, noises)
 
 
@@ -135,10 +143,11 @@ class LearnPlan:
 
 
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
-                     progress: Progress = None) -> LearnPlan:
+                     progress: Progress = None, state: Optional[dict] = None) -> LearnPlan:
     """Steps 3-5 of a round: update the best record, train the representation network on this
     round's triplets (every marked round's with ``encoder_replay``), compute the rewards (the
-    method's ``reward`` trait) and advantages. Needs the round's marks on disk."""
+    method's ``reward`` trait) and advantages. Needs the round's marks on disk. ``state``: the
+    session's learned state if the caller has loaded it already."""
     cfg = session.config
     k = session.round
     marks = session.marks_for(k)
@@ -148,7 +157,7 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
     if "latents" not in gen_data:
         raise SessionError(f"round {k}'s trajectory is missing from {session.round_dir(k)}; "
                            f"it cannot be trained")
-    st = session.load_state()
+    st = session.load_state() if state is None else state
     sched = DDIMSchedule(gen_data["timesteps"], gen_data["alpha_bars"])
     # chains_on "cpu" (memory.py): the chains stay in host memory in their stored precision
     # (fp16; exact in fp32, so the PPO ratio is still 1), one micro-batch moving at a time
