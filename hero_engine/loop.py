@@ -26,6 +26,7 @@ from torch import Tensor
 from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
+from .lora import LoraState, session_tensors
 from .denoising import denoise_update, denoising_loss
 from .memory import GiB, UpdateOutOfMemory, is_oom, oom_advice, resolve_micro_batch
 from .policy import PolicyOptimizer, _autocast, d3po_update, ppo_update
@@ -431,10 +432,11 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
     return m
 
 
-def complete_round(session: Session, plan: LearnPlan, lora_state: dict, popt: PolicyOptimizer,
-                   extra_metrics: Optional[dict] = None) -> dict:
-    """Step 7-8: commit LoRA, optimizers, encoder, best record and noise pool atomically."""
-    state = {"lora": {k: v.detach().cpu().float().clone() for k, v in lora_state.items()},
+def complete_round(session: Session, plan: LearnPlan, lora_state: "LoraState | dict",
+                   popt: PolicyOptimizer, extra_metrics: Optional[dict] = None) -> dict:
+    """Step 7-8: commit LoRA (a LoraState or its ``to_tensors()`` form), optimizers, encoder,
+    best record and noise pool atomically."""
+    state = {"lora": session_tensors(lora_state),
              "policy_opt": popt.state_dict(),
              "best": {"feature": plan.best_feature.cpu(), "noise": plan.best_noise.cpu()},
              "pool": plan.pool.cpu()}

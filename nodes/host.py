@@ -23,8 +23,9 @@ decisions 3-5, comfyui_guide 2.3-2.7):
   "variant B": model weights are inference tensors). For generation it is merged as plain
   patches, as a KSampler with LoraLoader would run it. The cached checkpoint model is never
   mutated.
-* The session keeps the LoRA as ``{"<ldm module>.down|up|alpha": tensor}`` (fp32, LDM module names
-  without ``diffusion_model.``); the kohya names (family-native) are computed from the model.
+* The session keeps the LoRA as a ``hero_engine.lora.LoraState`` (fp32, LDM module names without
+  ``diffusion_model.``, the family-native kohya names and the family): the state every path reads
+  and writes, so HERO_ExportLoRA needs no MODEL input.
 * The MODEL that leaves HERO_Train / HERO_ApplyLoRA carries the LoRA as plain ``add_patches``
   (the same path as LoraLoader), so any KSampler can use it.
 """
@@ -43,8 +44,8 @@ from ..hero_engine.lora import export_kohya
 from ..hero_engine.policy import PolicyOptimizer
 from ..hero_engine.sampling import DDIMSchedule
 from ..hero_engine.session import Session, SessionError
-from .host_lora import (LoraWeightWrapper, attach_lora, initial_lora, kohya_tensors, lora_state,
-                        patched_model, remember_lora_layout, session_lora)
+from .host_lora import (LoraWeightWrapper, attach_lora, initial_lora, kohya_tensors,
+                        patched_model, session_lora, trained_lora)
 from .host_models import (DM, TARGET_SUFFIXES, HeroHostError, _module, check_vae, kohya_names,
                           lora_targets, model_family)
 from .host_sampler import (_clone_conds, _progress, _sampler_base, gradient_checkpointing,
@@ -60,6 +61,7 @@ __all__ = [  # the node operations, and the adapter's parts that tests and bench
     "export_path", "model_family", "lora_targets", "kohya_names", "check_vae", "initial_lora",
     "session_lora", "attach_lora", "patched_model", "kohya_tensors", "LoraWeightWrapper",
     "make_denoiser", "release_other_models", "gradient_checkpointing", "DM", "TARGET_SUFFIXES",
+    "trained_lora",
     "GENERATE_MICRO_BATCH", "_module", "_clone_conds", "_sampler_base"]
 
 
@@ -116,7 +118,6 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
     scfg = session.config
     steps = int(steps) or scfg.steps
     cfg = float(cfg) or scfg.cfg
@@ -150,7 +151,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     # recompute W + B A in every call: 22% of Generate on SD1.5 at 64 px (docs/performance.md).
     # In fp32 both give the same weights bit for bit (the host test checks the PPO ratio is 1).
     st = session.load_state()  # once: the LoRA here, the best noise and the pool in the loop
-    mp = patched_model(model, session_lora(session, model, names, st), names, kohya)
+    mp = patched_model(model, session_lora(session, model, names, st, family))
     ms = mp.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).cpu()
     schedule = DDIMSchedule.from_sigmas(sigmas, ms.sigmas.detach().cpu())
@@ -225,11 +226,10 @@ def train(model, session: Session, feedback) -> TrainResult:
         raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
                             f"'{session.session_id}'")
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
     k = session.round
     if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
-        tensors = session_lora(session, model, names, session.load_state(("lora",)))
-        return TrainResult(patched_model(model, tensors, names, kohya), {}, False,
+        lora = session_lora(session, model, names, session.load_state(("lora",)), family)
+        return TrainResult(patched_model(model, lora), {}, False,
                            f"round {feedback.round} was already trained")
     if int(feedback.round) > k:
         raise HeroHostError(f"the feedback is for round {feedback.round} but session "
@@ -245,9 +245,9 @@ def train(model, session: Session, feedback) -> TrainResult:
         # once, outside inference mode (the optimizer's state is updated in place): the LoRA,
         # the optimizer, the encoder, the best, the pool
         st = session.load_state()
-        tensors = session_lora(session, model, names, st)
+        lora = session_lora(session, model, names, st, family)
         plan = hero_loop.prepare_learning(session, device=device, progress=progress, state=st)
-        mp, params = attach_lora(model, tensors, names, trainable=True, copy_others=True)
+        mp, params = attach_lora(model, lora, trainable=True, copy_others=True)
         popt = PolicyOptimizer(params, session.config.policy)
         if "policy_opt" in st:
             try:
@@ -282,16 +282,11 @@ def train(model, session: Session, feedback) -> TrainResult:
             guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas, seed=0)
         plan.metrics.update({"released_models": released,
                              "checkpointed_modules": n_checkpointed})
-        lora_out = {}
-        for n in names:
-            lora_out[f"{n}.down"] = params[f"{n}.down"].detach()
-            lora_out[f"{n}.up"] = params[f"{n}.up"].detach()
-            lora_out[f"{n}.alpha"] = torch.as_tensor(tensors[f"{n}.alpha"]).detach().clone()
-        metrics = hero_loop.complete_round(session, plan, lora_out, popt,
+        new = trained_lora(lora, params)
+        metrics = hero_loop.complete_round(session, plan, new, popt,
                                            {"host": "comfyui", "family": family})
-    new = {k_: v.detach().cpu().float() for k_, v in lora_out.items()}
     del mp, params, popt
-    return TrainResult(patched_model(model, new, names, kohya), metrics, True,
+    return TrainResult(patched_model(model, new), metrics, True,
                        f"round {k} trained")
 
 
@@ -299,12 +294,10 @@ def apply_lora(model, session: Session, strength: float = 1.0):
     """HERO_ApplyLoRA: the session's current LoRA on a clone of ``model`` (plain patches)."""
     family = model_family(model)
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
     st = session.load_state(("lora",))
     if "lora" not in st:
         return model.clone(), False
-    tensors = session_lora(session, model, names, st)
-    return patched_model(model, tensors, names, kohya, strength), True
+    return patched_model(model, session_lora(session, model, names, st, family), strength), True
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -347,6 +340,21 @@ def export_path(prefix: str, round_: int) -> Path:
     return root / "hero" / f"{prefix}_r{round_:04d}.safetensors"
 
 
+def _stored_lora(session: Session, state: dict):
+    """The session's stored LoRA (its family and kohya names come with it; a session from an
+    older version is read with the layout its session.json recorded)."""
+    from ..hero_engine.lora import LoraFormatError
+    try:
+        lora = session.load_lora(state)
+    except LoraFormatError as e:
+        raise HeroHostError(f"session '{session.session_id}': {e}; train a round with the "
+                            f"session's model (HERO Train), then export again") from None
+    if lora is None:
+        raise NothingToExport(f"session '{session.session_id}' has no trained LoRA yet: the "
+                              f"first export comes after round 0 is trained (HERO Train)")
+    return lora
+
+
 class NothingToExport(HeroHostError):
     """The session has nothing of that kind yet (no trained round, no marks): HERO's export
     nodes show it as a message and let the round go on; the panel's route answers 409."""
@@ -367,31 +375,18 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
         if "lora" not in st:
             raise NothingToExport(f"session '{s.session_id}' has no trained LoRA yet: the "
                                   f"first export comes after round 0 is trained (HERO Train)")
-        layout = s.info.get("lora_layout")
-        if not layout:
-            raise HeroHostError(f"session '{s.session_id}' does not record its model family; "
-                                f"run HERO Generate or HERO Apply LoRA once with the session's "
-                                f"model")
-        tensors = st["lora"]
-        have = {k.rsplit(".", 1)[0] for k in tensors}
-        names = [n for n in layout["kohya"] if n in have]
-        if len(names) != len(have):
-            raise HeroHostError(f"session '{s.session_id}': the recorded model layout does not "
-                                f"cover the LoRA ({len(have) - len(names)} modules unnamed); run "
-                                f"HERO Apply LoRA once with the session's model, then export "
-                                f"again")
-        state = lora_state(tensors, names, layout["family"], layout["kohya"])
+        state = _stored_lora(s, st)
         path = export_path(prefix, s.round)
         cfg = s.config
         md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
               "hero_labels_used": str(s.labels_used), "hero_method": cfg.method,
               "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
-              "hero_base_model": layout.get("model", ""), "hero_family": layout["family"],
+              "hero_base_model": state.base_model, "hero_family": state.family,
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
                                      f"{s.round} rounds, {s.labels_used} labels"}
-        base = s.info.get("base_checkpoint") or layout.get("model", "")
-        card, sidecar = session_card(s, layout["family"], base_model=base, author=author)
+        base = s.info.get("base_checkpoint") or state.base_model
+        card, sidecar = session_card(s, state.family, base_model=base, author=author)
         md.update(card)
         md_written = export_kohya(state, path, md,
                                   dtype=torch.float16 if dtype == "fp16" else torch.float32,
@@ -399,7 +394,7 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
         side = path.with_suffix(".json")
         atomic_write_json(side, sidecar, mode=PUBLIC_MODE)
         return {"file": f"hero/{path.name}", "path": str(path), "filename": f"hero/{path.name}",
-                "modules": len(names), "metadata": md_written, "sidecar": str(side)}
+                "modules": len(state), "metadata": md_written, "sidecar": str(side)}
 
     res = session.export_state(write, names=("lora",))
     res.pop("file", None)
@@ -440,10 +435,7 @@ def export_noise(session: Session, limit: int = 64) -> dict:
         if session.best is None:
             raise NothingToExport(f"session '{session.session_id}' has no best image yet: mark "
                                   f"and train round 0 first")
-        family = (session.info.get("lora_layout") or {}).get("family")
-        if family is None:
-            raise HeroHostError(f"session '{session.session_id}' does not record its model "
-                                f"family; run HERO Generate once with the session's model")
+        family = _stored_lora(session, session.load_state(("lora",))).family
         name = f"hero_{session.session_id}_r{session.round:04d}.latent"
         path = Path(folder_paths.get_input_directory()) / name
         res = export_noise_latent(session, path, family, limit=int(limit))

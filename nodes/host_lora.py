@@ -1,37 +1,43 @@
 """The session's LoRA on a ComfyUI MODEL: ComfyUI weight wrappers for training (DESIGN.md
-decision 4, guide 2.3 "variant B") and plain patches (LoraLoader's path) for sampling."""
+decision 4, guide 2.3 "variant B") and plain patches (LoraLoader's path) for sampling.
+
+The LoRA is a ``hero_engine.lora.LoraState`` (module names = LDM names without
+``diffusion_model.``, the family's kohya names, fp32), the one form the session stores."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
-from ..hero_engine.lora import LoraModule, LoraState
+from ..hero_engine.lora import LoraFormatError, LoraModule, LoraState, read_session_lora
 from ..hero_engine.session import Session
-from .host_models import DM, HeroHostError, _module, kohya_names
+from .host_models import DM, HeroHostError, _module, base_model_name, kohya_names, model_family
 
 
-def initial_lora(model, names: list[str], rank: int, alpha: float, seed: int) -> dict:
-    """Round-0 LoRA: down ~ N(0, 1/r^2) (peft's 'gaussian' init), up = 0 (so delta W = 0)."""
-    g = torch.Generator().manual_seed(int(seed) * 7 + 12345)
-    out = {}
-    for n in names:
-        w = _module(model, n).weight
-        out[f"{n}.down"] = torch.randn(rank, w.shape[1], generator=g) / rank
-        out[f"{n}.up"] = torch.zeros(w.shape[0], rank)
-        out[f"{n}.alpha"] = torch.tensor(float(alpha), dtype=torch.float64)
-    return out
+def initial_lora(model, names: list[str], rank: int, alpha: float, seed: int,
+                 family: Optional[str] = None) -> LoraState:
+    """Round-0 LoRA: down ~ N(0, 1/r^2) (peft's 'gaussian' init), up = 0 (so delta W = 0), named
+    for ``model`` (``family``: the model's, checked here when not given)."""
+    family = family or model_family(model)
+    shapes = OrderedDict((n, tuple(_module(model, n).weight.shape)) for n in names)
+    return LoraState.init(shapes, rank=rank, alpha=alpha, family=family,
+                          kohya_names=kohya_names(model, family, names),
+                          seed=int(seed) * 7 + 12345, base_model=base_model_name(model))
 
 
-def session_lora(session: Session, model, names: list[str], state: Optional[dict] = None) -> dict:
-    """The session's current LoRA tensors, checked against ``model`` (or the round-0 init).
-    ``state``: the session's learned state if the caller has loaded it (else it is read here)."""
+def session_lora(session: Session, model, names: list[str], state: Optional[dict] = None,
+                 family: Optional[str] = None) -> LoraState:
+    """The session's current LoRA, checked against ``model`` (or the round-0 init).
+    ``state``: the session's learned state if the caller has loaded it (else it is read here);
+    ``family``: the model's, if the caller has checked it."""
     cfg = session.config
     st = session.load_state(("lora",)) if state is None else state
     tensors = st.get("lora")
+    family = family or model_family(model)
     if tensors is None:
-        return initial_lora(model, names, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    have = {k.rsplit(".", 1)[0] for k in tensors}
+        return initial_lora(model, names, cfg.lora_rank, cfg.lora_alpha, cfg.seed, family)
+    have = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".down", ".up"))}
     if have != set(names):
         extra, missing = sorted(have - set(names)), sorted(set(names) - have)
         raise HeroHostError(
@@ -39,38 +45,31 @@ def session_lora(session: Session, model, names: list[str], state: Optional[dict
             f"{len(have)} modules; {len(missing)} of this model's attention layers are missing, "
             f"e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}). Use the checkpoint the "
             f"session was started with, or a new session_id.")
+    try:  # a session from before the LoRA kept its names: named from this model, as then
+        lora = read_session_lora(tensors, family=family, kohya_names=kohya_names(model, family, names),
+                                 base_model=base_model_name(model))
+    except LoraFormatError as e:
+        raise HeroHostError(f"session '{session.session_id}': {e}") from None
     for n in names:
         w = _module(model, n).weight
-        d, u = tensors[f"{n}.down"], tensors[f"{n}.up"]
+        d, u = lora[n].down, lora[n].up
         if d.shape[1] != w.shape[1] or u.shape[0] != w.shape[0]:
             raise HeroHostError(
                 f"session '{session.session_id}': LoRA module {n} has shape up {tuple(u.shape)} / "
                 f"down {tuple(d.shape)} but the model's weight is {tuple(w.shape)}; use the "
                 f"checkpoint the session was started with, or a new session_id.")
-    return tensors
+    return lora
 
 
-def lora_state(tensors: dict, names: list[str], family: str, kohya: dict) -> LoraState:
-    """Session tensors -> hero_engine.lora.LoraState (for export)."""
-    mods = {}
-    rank = None
-    for n in names:
-        down, up = tensors[f"{n}.down"].float(), tensors[f"{n}.up"].float()
-        a = tensors.get(f"{n}.alpha")
-        mods[n] = LoraModule(down, up, float(a) if a is not None else float(down.shape[0]))
-        rank = mods[n].rank
-    return LoraState(mods, family, rank, {n: kohya[n] for n in names})
-
-
-def remember_lora_layout(session: Session, model, family: str, names: list[str]) -> dict:
-    """Store family + kohya names in the session info (HERO_ExportLoRA needs no MODEL input)."""
-    kohya = kohya_names(model, family, names)
-    info = {"family": family, "kohya": kohya, "rank": session.config.lora_rank,
-            "alpha": session.config.lora_alpha,
-            "model": type(model.model.model_config).__name__}
-    if session.info.get("lora_layout") != info:
-        session.update_info(lora_layout=info)
-    return kohya
+def trained_lora(lora: LoraState, params: dict) -> LoraState:
+    """``lora`` with the trained down/up of ``attach_lora``'s parameters (fp32 copies on the CPU);
+    alpha as the session has always stored it (fp32)."""
+    mods = OrderedDict()
+    for n, m in lora.items():
+        alpha = float(torch.tensor(m.alpha, dtype=torch.float32))
+        mods[n] = LoraModule(params[f"{n}.down"].detach().cpu().float().clone(),
+                             params[f"{n}.up"].detach().cpu().float().clone(), alpha)
+    return LoraState(mods, lora.family, lora.rank, dict(lora.kohya_names), lora.base_model)
 
 
 class LoraWeightWrapper(torch.nn.Module):
@@ -97,19 +96,19 @@ def _own_copy(w: torch.Tensor) -> torch.Tensor:
     return w.detach()
 
 
-def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_others: bool):
-    """``model.clone()`` with the LoRA as weight wrappers -> (patcher, {param name: Parameter}).
-    With ``trainable`` the parameters are fp32 leaves requiring grad; with ``copy_others`` every
-    other weight/bias gets an identity copy wrapper (needed for backward, guide 2.3)."""
+def attach_lora(model, lora: LoraState, trainable: bool, copy_others: bool):
+    """``model.clone()`` with the LoRA as weight wrappers -> (patcher, {param name: Parameter}),
+    the parameters named ``<module>.down`` / ``<module>.up``. With ``trainable`` they are fp32
+    leaves requiring grad; with ``copy_others`` every other weight/bias gets an identity copy
+    wrapper (needed for backward, guide 2.3)."""
     mp = model.clone()
     dev = mp.load_device
     params = {}
-    for n in names:
-        a = tensors.get(f"{n}.alpha")
-        down = tensors[f"{n}.down"].detach().to(dev, torch.float32).clone()
-        up = tensors[f"{n}.up"].detach().to(dev, torch.float32).clone()
-        alpha = float(a) if a is not None else float(down.shape[0])
-        wr = LoraWeightWrapper(down, up, alpha / down.shape[0], trainable)
+    names = list(lora)
+    for n, m in lora.items():
+        down = m.down.detach().to(dev, torch.float32).clone()
+        up = m.up.detach().to(dev, torch.float32).clone()
+        wr = LoraWeightWrapper(down, up, m.alpha / down.shape[0], trainable)
         mp.add_weight_wrapper(f"{DM}{n}.weight", wr)
         params[f"{n}.down"] = wr.down
         params[f"{n}.up"] = wr.up
@@ -125,29 +124,26 @@ def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_ot
     return mp, params
 
 
-def kohya_tensors(tensors: dict, names: list[str], kohya: dict) -> dict:
-    """Session tensors -> an in-memory kohya LoRA dict (what export_kohya writes, fp32)."""
+def kohya_tensors(lora: LoraState) -> dict:
+    """The LoRA as an in-memory kohya LoRA dict (what export_kohya writes, fp32)."""
     out = {}
-    for n in names:
-        k = kohya[n]
-        down = tensors[f"{n}.down"].float()
-        out[f"{k}.lora_down.weight"] = down
-        out[f"{k}.lora_up.weight"] = tensors[f"{n}.up"].float()
-        a = tensors.get(f"{n}.alpha")
-        out[f"{k}.alpha"] = torch.tensor(float(a) if a is not None else float(down.shape[0]))
+    for n, m in lora.items():
+        k = lora.kohya(n)
+        out[f"{k}.lora_down.weight"] = m.down.float()
+        out[f"{k}.lora_up.weight"] = m.up.float()
+        out[f"{k}.alpha"] = torch.tensor(float(m.alpha))
     return out
 
 
-def patched_model(model, tensors: dict, names: list[str], kohya: dict, strength: float = 1.0):
+def patched_model(model, lora: LoraState, strength: float = 1.0):
     """A fresh ``model.clone()`` with the LoRA as plain patches (LoraLoader's path), usable by any
     sampler. Every module must match a model key."""
     import comfy.lora
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(kohya_tensors(tensors, names, kohya), key_map)
-    if len(patches) != len(names):
-        raise HeroHostError(f"only {len(patches)} of {len(names)} LoRA modules matched the model "
+    patches = comfy.lora.load_lora(kohya_tensors(lora), key_map)
+    if len(patches) != len(lora):
+        raise HeroHostError(f"only {len(patches)} of {len(lora)} LoRA modules matched the model "
                             f"(kohya names); this is a bug, please report it")
     m = model.clone()
     m.add_patches(patches, float(strength))
     return m
-

@@ -3,9 +3,10 @@ prediction, discrete DDPM schedule), the layers its LoRA goes on, and their fami
 names (DESIGN.md decision 5)."""
 from __future__ import annotations
 
-from typing import Optional
+from collections import OrderedDict
+from typing import Iterable, Mapping, Optional
 
-from ..hero_engine.lora import invert_unet_to_diffusers, names_from_map
+from ..hero_engine.lora import kohya_prefix, ldm_naming
 from ..hero_engine.session import LORA_TARGETS, HeroConfig, Session
 
 TARGET_SUFFIXES = tuple("." + s for s in LORA_TARGETS[HeroConfig().lora_targets])
@@ -81,6 +82,56 @@ def kohya_names(model, family: str, names: list[str]) -> dict:
     if family != "sdxl":
         m = invert_unet_to_diffusers(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config))
     return dict(names_from_map(names, m, family))
+
+
+def _strip_param(name: str) -> str:
+    for suf in (".weight", ".bias"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _strip_dm(name: str) -> str:
+    return name[len(DM):] if name.startswith(DM) else name
+
+
+def invert_unet_to_diffusers(diffusers_to_ldm_keys: Mapping[str, str]) -> dict:
+    """Turn the map ``comfy.utils.unet_to_diffusers(unet_config)`` returns (``diffusers.param`` ->
+    ``ldm.param``) into a module-level ``ldm_name -> diffusers_name`` map for ``names_from_map``."""
+    out = {}
+    for d, l in diffusers_to_ldm_keys.items():
+        out[_strip_dm(_strip_param(l))] = _strip_param(d)
+    return out
+
+
+def names_from_map(ldm_names: Iterable[str], ldm_to_diffusers_map: Optional[Mapping[str, str]],
+                   family: str) -> "OrderedDict[str, str]":
+    """``ldm_name -> kohya prefix`` for the ComfyUI side (module names as in the host's model, with or
+    without ``diffusion_model.``). sd15: ``lora_unet_`` + diffusers name, looked up in
+    ``ldm_to_diffusers_map`` (module names, or the ``.weight`` keys of ``invert_unet_to_diffusers``);
+    sdxl: ``lora_unet_`` + the LDM name itself (the map is not needed)."""
+    ldm_names_only = ldm_naming(family)  # LoraFormatError for an unknown family
+    out = OrderedDict()
+    lookup = None
+    if not ldm_names_only:
+        if ldm_to_diffusers_map is None:
+            raise ValueError(f"family {family!r} names LoRA keys by diffusers name: pass ldm_to_diffusers_map")
+        lookup = {_strip_dm(_strip_param(k)): _strip_param(v) for k, v in ldm_to_diffusers_map.items()}
+    for name in ldm_names:
+        ldm = _strip_dm(name)
+        if ldm_names_only:
+            out[name] = kohya_prefix(ldm)
+            continue
+        if ldm not in lookup:
+            raise KeyError(f"LDM module {ldm!r} is not in the LDM->diffusers map "
+                           f"({len(lookup)} entries); cannot name it for family {family!r}")
+        out[name] = kohya_prefix(lookup[ldm])
+    return out
+
+
+def base_model_name(model) -> str:
+    """What the exported file records as ``hero_base_model``: the model config's class."""
+    return type(model.model.model_config).__name__
 
 
 def _module(model, name: str):
