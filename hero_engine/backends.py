@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import lora as lora_mod
+from . import toy as _toy  # noqa: F401  (registers the toy LoRA family, this backend's default)
 from .policy import PolicyOptimizer
 from .sampling import DDIMSchedule, Denoiser, sample_with_logprob
 from .session import Session
@@ -53,6 +54,7 @@ class DiffusersBackend:
         self.prompts = list(prompts)
         self.cfg = cfg
         self.family = family
+        self.alpha = float(alpha)
         self.device = torch.device(device)
         lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed, targets=targets)
         self._initial = self.lora_state()
@@ -64,22 +66,28 @@ class DiffusersBackend:
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.unet.named_parameters() if ".lora_" in n}
 
+    def lora(self) -> "lora_mod.LoraState":
+        """The LoRA on the UNet now (module names = diffusers names, the family's kohya names)."""
+        return lora_mod.state_from_peft(self.unet, family=self.family)
+
     def lora_state(self) -> dict[str, Tensor]:
-        return {n: p.detach().cpu().float().clone() for n, p in self.lora_parameters().items()}
+        """The LoRA now in the form the session stores (``LoraState.to_tensors()``)."""
+        return self.lora().to_tensors()
 
     def load_lora_state(self, state: Optional[dict[str, Tensor]]) -> None:
-        """Load a session's LoRA (``None``: back to the initial LoRA, B = 0)."""
+        """Load a session's stored LoRA (``None``: back to the initial LoRA, B = 0); sessions
+        from older versions, which stored the peft parameters, are read too."""
         state = self._initial if state is None else state
-        params = self.lora_parameters()
-        if set(state) != set(params):
-            raise ValueError("the session's LoRA does not fit this model (different rank or "
-                             "target layers); use the model and settings the session was made with")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+        try:
+            lora = lora_mod.read_session_lora(state, family=self.family, alpha=self.alpha)
+            lora_mod.load_state_into_peft(self.unet, lora)
+        except lora_mod.LoraFormatError as e:
+            raise ValueError(f"the session's LoRA does not fit this model (different rank or "
+                             f"target layers); use the model and settings the session was made "
+                             f"with ({e})") from None
 
     def load_session(self, session: Session) -> None:
-        self.load_lora_state(session.load_state().get("lora"))
+        self.load_lora_state(session.load_state(("lora",)).get("lora"))
 
     def policy_optimizer(self, session: Session) -> PolicyOptimizer:
         popt = PolicyOptimizer(self.lora_parameters(), session.config.policy)
@@ -128,7 +136,3 @@ class DiffusersBackend:
                                      generator=g, index=idx.to(self.device) % len(self._cond))
             out.append(self.decode(tr.x0).float().clamp(0, 1).cpu())
         return torch.cat(out)
-
-    # -- export
-    def lora_export_state(self) -> "lora_mod.LoraState":
-        return lora_mod.state_from_peft(self.unet, family=self.family)

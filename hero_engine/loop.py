@@ -26,6 +26,7 @@ from torch import Tensor
 from .extra_samples import sample_extra, score_extra
 from .feedback import Marks
 from .guidance import initial_noise, next_noise_pool
+from .lora import LoraState, session_tensors
 from .denoising import denoise_update, denoising_loss
 from .memory import GiB, UpdateOutOfMemory, is_oom, oom_advice, resolve_micro_batch
 from .policy import PolicyOptimizer, _autocast, d3po_update, ppo_update
@@ -51,16 +52,20 @@ def round_generator(session: Session, round_idx: int, phase: str, device="cpu") 
     return g
 
 
-def plan_initial_noise(session: Session, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def plan_initial_noise(session: Session, shape: tuple[int, ...], batch_size: Optional[int] = None,
+                       state: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """x_T for the round in progress: N(0, I) in round 0 (and always for a method without the
-    ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise)."""
+    ``guidance`` trait), feedback-guided afterwards (guidance.initial_noise). ``batch_size``:
+    this round's size (default the config's); ``state``: the session's learned state if the
+    caller has loaded it already."""
     config = session.config
+    n = config.batch_size if batch_size is None else int(batch_size)
     gen = round_generator(session, session.round, "noise")
-    st = session.load_state()
+    st = session.load_state() if state is None else state
     guided = config.guidance and "best" in st
     if not guided:
-        return initial_noise(config.batch_size, shape, gen)
-    return initial_noise(config.batch_size, shape, gen, best_noise=st["best"]["noise"],
+        return initial_noise(n, shape, gen)
+    return initial_noise(n, shape, gen, best_noise=st["best"]["noise"],
                          pool=st.get("pool"), beta=config.beta, epsilon=config.epsilon,
                          fresh_ratio=config.fresh_ratio)
 
@@ -83,22 +88,26 @@ class RoundBatch:
 def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tensor], Tensor],
                    schedule: DDIMSchedule, latent_shape: tuple[int, ...], prompts: list[str],
                    device="cpu", progress: Progress = None, micro_batch: int = 64,
-                   extra_meta: Optional[dict] = None) -> RoundBatch:
-    """Sample the round's batch with the current policy and store it in the session."""
+                   extra_meta: Optional[dict] = None, batch_size: Optional[int] = None,
+                   state: Optional[dict] = None) -> RoundBatch:
+    """Sample the round's batch with the current policy and store it in the session.
+    ``batch_size``: this round's size (default the config's; the config is left as it is);
+    ``state``: the session's learned state if the caller has loaded it already."""
     config = session.config
     round_idx = session.round
     if session.marks_for(round_idx) is not None:
         raise SessionError(f"round {round_idx} is already marked; train it (HERO_Train) before "
                            f"generating the next batch")
     t0 = time.time()
-    noises, ids = plan_initial_noise(session, tuple(latent_shape))
+    size = config.batch_size if batch_size is None else int(batch_size)
+    noises, ids = plan_initial_noise(session, tuple(latent_shape), size, state)
     gen = round_generator(session, round_idx, "sample")
     trajs = []
-    for s in range(0, config.batch_size, micro_batch):
-        idx = torch.arange(s, min(s + micro_batch, config.batch_size))
+    for s in range(0, size, micro_batch):
+        idx = torch.arange(s, min(s + micro_batch, size))
         cb = None if progress is None else (
             lambda i, n, s=s: progress("generate", s * n // max(1, micro_batch) + i,
-                                       config.batch_size * n // max(1, micro_batch)))
+                                       size * n // max(1, micro_batch)))
         trajs.append(sample_with_logprob(denoiser, noises[idx].to(device), schedule, config.eta,
                                          generator=gen, callback=cb, index=idx.to(device),
                                          store_dtype=torch.float16))  # as the session stores it
@@ -110,7 +119,7 @@ def generate_round(session: Session, denoiser: Denoiser, decode: Callable[[Tenso
     session.save_generated(round_idx, noises, traj, feats, images,
                            {"prompts": list(prompts), "centre_ids": ids.tolist(),
                             **(extra_meta or {})})
-    session.record_timing(generate_seconds=time.time() - t0, generate_images=config.batch_size)
+    session.record_timing(generate_seconds=time.time() - t0, generate_images=size)
     return RoundBatch(session, round_idx, images, traj, noises)
 
 
@@ -136,10 +145,11 @@ class LearnPlan:
 
 
 def prepare_learning(session: Session, device="cpu", best_score: Optional[float] = None,
-                     progress: Progress = None) -> LearnPlan:
+                     progress: Progress = None, state: Optional[dict] = None) -> LearnPlan:
     """Steps 3-5 of a round: update the best record, train the representation network on this
     round's triplets (every marked round's with ``encoder_replay``), compute the rewards (the
-    method's ``reward`` trait) and advantages. Needs the round's marks on disk."""
+    method's ``reward`` trait) and advantages. Needs the round's marks on disk. ``state``: the
+    session's learned state if the caller has loaded it already."""
     config = session.config
     round_idx = session.round
     marks = session.marks_for(round_idx)
@@ -150,7 +160,7 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
         raise SessionError(f"round {round_idx}'s trajectory is missing from "
                            f"{session.round_dir(round_idx)}; "
                            f"it cannot be trained")
-    st = session.load_state()
+    st = session.load_state() if state is None else state
     sched = DDIMSchedule(gen_data["timesteps"], gen_data["alpha_bars"])
     # chains_on "cpu" (memory.py): the chains stay in host memory in their stored precision
     # (fp16; exact in fp32, so the PPO ratio is still 1), one micro-batch moving at a time
@@ -425,10 +435,11 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
     return m
 
 
-def complete_round(session: Session, plan: LearnPlan, lora_state: dict, popt: PolicyOptimizer,
-                   extra_metrics: Optional[dict] = None) -> dict:
-    """Step 7-8: commit LoRA, optimizers, encoder, best record and noise pool atomically."""
-    state = {"lora": {k: v.detach().cpu().float().clone() for k, v in lora_state.items()},
+def complete_round(session: Session, plan: LearnPlan, lora_state: "LoraState | dict",
+                   popt: PolicyOptimizer, extra_metrics: Optional[dict] = None) -> dict:
+    """Step 7-8: commit LoRA (a LoraState or its ``to_tensors()`` form), optimizers, encoder,
+    best record and noise pool atomically."""
+    state = {"lora": session_tensors(lora_state),
              "policy_opt": popt.state_dict(),
              "best": {"feature": plan.best_feature.cpu(), "noise": plan.best_noise.cpu()},
              "pool": plan.pool.cpu()}

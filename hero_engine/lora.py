@@ -4,12 +4,16 @@ Every LoRA module patches one weight W [out, in] (or a conv W [out, in, kh, kw])
 
     W' = W + (alpha / r) * up @ down          down [r, in], up [out, r], fp32 in the session
 
-This module imports no ComfyUI code (DESIGN.md decision 4). The ComfyUI adapter hands in LDM module
-names and a LDM -> diffusers map (``names_from_map``); the diffusers side uses peft (``add_lora``,
-``state_from_peft``, ``load_state_into_peft``). Files are written in the kohya layout with the
-family's native names (decision 5): SD1.5 (and the toy) ``lora_unet_`` + diffusers name, SDXL
-``lora_unet_`` + LDM/SGM name, dots -> underscores; ``.lora_down.weight`` [r, in],
-``.lora_up.weight`` [out, r], ``.alpha`` (0-dim, the trained alpha so alpha/r is preserved).
+A ``LoraState`` (module names, kohya names, family, fp32 tensors) is the one representation: the
+session stores it (``to_tensors()``, read back by ``read_session_lora``, which also reads the
+formats older sessions stored), the ComfyUI adapter (``nodes/host_lora.py``) and the diffusers/peft
+side (``state_from_peft``, ``load_state_into_peft``) read and write it, and ``export_kohya`` writes
+it. This module imports no ComfyUI code (DESIGN.md decision 4); the ComfyUI adapter names the
+modules itself (``nodes/host_models.py``). Files are written in the kohya layout with the family's
+native names (decision 5): SD1.5 ``lora_unet_`` + diffusers name, SDXL ``lora_unet_`` + LDM/SGM
+name, dots -> underscores; ``.lora_down.weight`` [r, in], ``.lora_up.weight`` [out, r], ``.alpha``
+(0-dim, the trained alpha so alpha/r is preserved). The families are SD1.5 and SDXL; another
+model family (the embedded toy, ``hero_engine.toy``) adds itself with ``register_family``.
 """
 
 from __future__ import annotations
@@ -38,33 +42,52 @@ __all__ = [
     "diffusers_to_ldm",
     "ldm_to_diffusers",
     "kohya_name",
-    "names_from_map",
-    "invert_unet_to_diffusers",
+    "ldm_naming",
+    "register_family",
+    "families",
     "add_lora",
     "lora_layers",
     "state_from_peft",
     "load_state_into_peft",
+    "read_session_lora",
+    "session_tensors",
     "export_kohya",
     "load_kohya",
-    "save_state",
-    "load_state",
     "atomic_write_bytes",
 ]
 
-FAMILIES = ("sd15", "sdxl", "toy")
+FAMILIES = ("sd15", "sdxl")  # the Stable Diffusion families of the LoRA file format
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_UNET = "lora_unet_"
 _HEADER_KEY = "__hero_lora_header__"
 
-# family -> (ss_base_model_version, modelspec.architecture, modelspec.implementation, resolution)
+# family -> (ss_base_model_version, modelspec.architecture, modelspec.implementation, resolution,
+#            the naming of its kohya keys: "diffusers" or "ldm" module names)
 _FAMILY_META = {
-    "sd15": ("sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512"),
+    "sd15": ("sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512", "diffusers"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
-             "https://github.com/Stability-AI/generative-models", "1024x1024"),
-    "toy": ("toy", "hero-toy/lora", "diffusers", None),
+             "https://github.com/Stability-AI/generative-models", "1024x1024", "ldm"),
 }
-_BASE_VERSION_TO_FAMILY = {v[0]: k for k, v in _FAMILY_META.items()}
-_ARCH_TO_FAMILY = {v[1]: k for k, v in _FAMILY_META.items()}
+
+
+def register_family(name: str, base_model_version: str, architecture: str,
+                    implementation: str = "diffusers", resolution: str | None = None,
+                    naming: str = "diffusers") -> None:
+    """Add a model family beyond SD1.5 / SDXL (the toy package adds ``"toy"``): what its files'
+    ``ss_base_model_version`` / ``modelspec.*`` metadata say, and whether its kohya keys use the
+    diffusers or the LDM module names. Registering the same family again with the same values is
+    a no-op."""
+    if naming not in ("diffusers", "ldm"):
+        raise ValueError(f"naming must be 'diffusers' or 'ldm', got {naming!r}")
+    meta = (base_model_version, architecture, implementation, resolution, naming)
+    if _FAMILY_META.get(name, meta) != meta:
+        raise ValueError(f"LoRA family {name!r} is already registered as {_FAMILY_META[name]}")
+    _FAMILY_META[name] = meta
+
+
+def families() -> tuple:
+    """Every family a LoraState may have: SD1.5, SDXL and the registered ones."""
+    return tuple(_FAMILY_META)
 
 
 class LoraFormatError(ValueError):
@@ -117,10 +140,10 @@ class LoraState:
     family: str = "sd15"
     rank: int = 4
     kohya_names: dict = field(default_factory=dict)
+    base_model: str = ""   # the model the names belong to (ComfyUI: its model config's class)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise LoraFormatError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
+        _check_family(self.family)
         self.modules = OrderedDict(self.modules)
         self.rank = int(self.rank)
         for n, m in self.modules.items():
@@ -129,32 +152,19 @@ class LoraState:
 
     @classmethod
     def init(cls, shapes: Mapping[str, tuple], rank: int = 4, alpha: float = 4.0, family: str = "sd15",
-             kohya_names: Mapping[str, str] | None = None, seed: int | None = None) -> "LoraState":
+             kohya_names: Mapping[str, str] | None = None, seed: int | None = None,
+             base_model: str = "") -> "LoraState":
         """A fresh HERO LoRA: for each ``name -> (out, in)`` (the patched weight's shape), down ~ N(0, (1/r)^2),
         up = 0, so W' = W + alpha/r * up @ down = W at the start. Used by the ComfyUI side, which
         owns no peft model."""
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        st = cls(family=family, rank=rank)
+        st = cls(family=family, rank=rank, base_model=base_model)
         for name, shape in shapes.items():
             out_f, in_f = int(shape[0]), int(shape[1])
             down = torch.randn(rank, in_f, generator=gen) / rank
             st.add(name, LoraModule(down, torch.zeros(out_f, rank), alpha),
                    (kohya_names or {}).get(name))
         return st
-
-    def trainable(self) -> list:
-        """The down/up tensors as leaf tensors with requires_grad=True, in module order (down, up, ...)."""
-        out = []
-        for m in self.modules.values():
-            m.down = m.down.detach().requires_grad_(True)
-            m.up = m.up.detach().requires_grad_(True)
-            out += [m.down, m.up]
-        return out
-
-    @property
-    def name_map(self) -> dict:
-        """module name -> kohya prefix (alias of ``kohya_names``, as docs/engine_api.md calls it)."""
-        return self.kohya_names
 
     # mapping-ish helpers
     def __len__(self) -> int:
@@ -191,21 +201,17 @@ class LoraState:
         """The common alpha (the first module's if they differ; every HERO state has one alpha)."""
         return next(iter(self.modules.values())).alpha if self.modules else float(self.rank)
 
-    def clone(self) -> "LoraState":
-        return LoraState(
-            OrderedDict((n, LoraModule(m.down.detach().clone(), m.up.detach().clone(), m.alpha))
-                        for n, m in self.modules.items()),
-            self.family, self.rank, dict(self.kohya_names))
-
-    # session checkpoint (fp32, exact)
+    # what the session stores (fp32, exact)
     def to_tensors(self) -> dict:
-        """Tensors for the session checkpoint: ``<name>.down``, ``<name>.up`` (fp32), ``<name>.alpha``
-        (0-dim fp64, so any float alpha survives exactly) and ``__hero_lora_header__`` (uint8 JSON of
-        ``header()``: names, order, family, rank, kohya names), so the dict alone rebuilds the state."""
+        """The session's form of the state (its ``lora.pt``): ``<name>.down``, ``<name>.up`` (fp32
+        copies), ``<name>.alpha`` (0-dim fp64, so any float alpha survives exactly) and
+        ``__hero_lora_header__`` (uint8 JSON of ``header()``: names, order, family, rank, kohya
+        names, base model), so the dict alone rebuilds the state (``from_tensors``) and every value
+        is a tensor (a safetensors file can hold it)."""
         out = {}
         for name, m in self.modules.items():
-            out[f"{name}.down"] = m.down.detach().to("cpu", torch.float32).contiguous()
-            out[f"{name}.up"] = m.up.detach().to("cpu", torch.float32).contiguous()
+            out[f"{name}.down"] = m.down.detach().to("cpu", torch.float32).clone().contiguous()
+            out[f"{name}.up"] = m.up.detach().to("cpu", torch.float32).clone().contiguous()
             out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float64)
         raw = json.dumps(self.header()).encode("utf-8")
         out[_HEADER_KEY] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
@@ -219,6 +225,7 @@ class LoraState:
             "hero_lora_rank": str(self.rank),
             "hero_lora_modules": json.dumps(list(self.modules)),
             "hero_lora_kohya_names": json.dumps({n: self.kohya(n) for n in self.modules}),
+            "hero_lora_base_model": self.base_model,
         }
 
     @classmethod
@@ -244,11 +251,81 @@ class LoraState:
                                         float(tensors[f"{n}.alpha"].item()))
             except KeyError as e:
                 raise LoraFormatError(f"LoRA state has no tensor {e.args[0]!r} for module {n!r}") from e
-        st = cls(modules, family, rank, {n: kohya.get(n) or kohya_prefix(n) for n in names})
+        st = cls(modules, family, rank, {n: kohya.get(n) or kohya_prefix(n) for n in names},
+                 header.get("hero_lora_base_model", ""))
         for n, m in st.modules.items():
             if m.rank != rank:
                 raise LoraFormatError(f"module {n!r} has rank {m.rank}, the state header says {rank}")
         return st
+
+
+# --------------------------------------------------------------------------------------------------
+# The session's form (``lora.pt``), and the formats older sessions stored
+# --------------------------------------------------------------------------------------------------
+
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def session_tensors(lora: "LoraState | Mapping[str, torch.Tensor]") -> dict:
+    """What a session stores for ``lora`` (a LoraState, or its ``to_tensors()`` form): fp32 copies
+    with the header, checked (``LoraState.from_tensors``)."""
+    state = lora if isinstance(lora, LoraState) else LoraState.from_tensors(lora)
+    return state.to_tensors()
+
+
+def read_session_lora(tensors: Mapping[str, torch.Tensor], family: str | None = None,
+                      kohya_names: Mapping[str, str] | None = None, base_model: str = "",
+                      alpha: float | None = None) -> LoraState:
+    """A session's stored LoRA -> LoraState. The current form is ``LoraState.to_tensors()`` (its
+    header names the family, the kohya names and the order). Sessions written before it stored
+    one of two header-less forms, read with what the caller knows about them:
+
+    * the ComfyUI adapter's ``{<ldm module>.down|up|alpha}``, the family and kohya names kept in
+      ``session.json`` (``info.lora_layout``: pass its ``family``, ``kohya`` and ``model``);
+    * the diffusers backend's peft parameters ``{<module>.lora_A|lora_B.<adapter>.weight}`` (no
+      alpha: pass the backend's ``alpha``, and its ``family``); kohya names follow the family.
+
+    ``family`` / ``kohya_names`` / ``base_model`` are only used for those older forms."""
+    if _HEADER_KEY in tensors:
+        return LoraState.from_tensors(tensors)
+    if not tensors:
+        raise LoraFormatError("the session's LoRA holds no tensors")
+    if family is None:
+        raise LoraFormatError("the session's LoRA was stored without its model family (a session "
+                              "from an older ComfyUI-HERO, and the family is not recorded)")
+    modules = OrderedDict()
+    if all(_PEFT_KEY.match(k) for k in tensors):
+        if alpha is None:
+            raise LoraFormatError("the session's LoRA (peft parameters) was stored without alpha")
+        pairs: "OrderedDict[str, dict]" = OrderedDict()
+        for k, v in tensors.items():
+            m = _PEFT_KEY.match(k)
+            pairs.setdefault(m.group("module"), {})[m.group("ab")] = v
+        for name, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise LoraFormatError(f"the session's LoRA module {name!r} has no lora_A/lora_B pair")
+            modules[name] = LoraModule(ab["A"].float(), ab["B"].float(), alpha)
+        kohya = {n: kohya_name(n, family) for n in modules}
+    else:
+        for k in tensors:
+            name, _, part = k.rpartition(".")
+            if part not in ("down", "up", "alpha") or not name:
+                raise LoraFormatError(f"the session's LoRA has an unknown key {k!r}")
+            modules.setdefault(name, None)
+        for name in modules:
+            try:
+                down, up = tensors[f"{name}.down"].float(), tensors[f"{name}.up"].float()
+            except KeyError as e:
+                raise LoraFormatError(f"the session's LoRA has no tensor {e.args[0]!r}") from None
+            a = tensors.get(f"{name}.alpha")
+            modules[name] = LoraModule(down, up, float(a) if a is not None else float(down.shape[0]))
+        unnamed = [n for n in modules if n not in (kohya_names or {})]
+        if unnamed:
+            raise LoraFormatError(f"the session's recorded model layout does not name "
+                                  f"{len(unnamed)} of its LoRA modules, e.g. {unnamed[:2]}")
+        kohya = {n: kohya_names[n] for n in modules}
+    rank = next(iter(modules.values())).rank
+    return LoraState(modules, family, rank, kohya, base_model or "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,61 +402,22 @@ def ldm_to_diffusers(name: str, layers_per_block: int = 2) -> str:
 
 def kohya_name(diffusers_name: str, family: str, layers_per_block: int = 2) -> str:
     """Kohya prefix of a diffusers module name in the family's native naming
-    (sd15/toy: diffusers name; sdxl: LDM/SGM name)."""
-    _check_family(family)
-    if family == "sdxl":
+    (sd15: diffusers name; sdxl: LDM/SGM name)."""
+    if ldm_naming(family):
         return kohya_prefix(diffusers_to_ldm(diffusers_name, layers_per_block))
     return kohya_prefix(diffusers_name)
 
 
-def _strip_param(name: str) -> str:
-    for suf in (".weight", ".bias"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
-def _strip_dm(name: str) -> str:
-    return name[len("diffusion_model."):] if name.startswith("diffusion_model.") else name
-
-
-def invert_unet_to_diffusers(diffusers_to_ldm_keys: Mapping[str, str]) -> dict:
-    """Turn the map ``comfy.utils.unet_to_diffusers(unet_config)`` returns (``diffusers.param`` ->
-    ``ldm.param``) into a module-level ``ldm_name -> diffusers_name`` map for ``names_from_map``."""
-    out = {}
-    for d, l in diffusers_to_ldm_keys.items():
-        out[_strip_dm(_strip_param(l))] = _strip_param(d)
-    return out
-
-
-def names_from_map(ldm_names: Iterable[str], ldm_to_diffusers_map: Mapping[str, str] | None,
-                   family: str) -> "OrderedDict[str, str]":
-    """``ldm_name -> kohya prefix`` for the ComfyUI side (module names as in the host's model, with or
-    without ``diffusion_model.``). sd15/toy: ``lora_unet_`` + diffusers name, looked up in
-    ``ldm_to_diffusers_map`` (module names, or the ``.weight`` keys of ``invert_unet_to_diffusers``);
-    sdxl: ``lora_unet_`` + the LDM name itself (the map is not needed)."""
+def ldm_naming(family: str) -> bool:
+    """Whether the family's kohya keys use the LDM/SGM module names (SDXL) rather than the
+    diffusers ones (SD1.5)."""
     _check_family(family)
-    out = OrderedDict()
-    lookup = None
-    if family != "sdxl":
-        if ldm_to_diffusers_map is None:
-            raise ValueError(f"family {family!r} names LoRA keys by diffusers name: pass ldm_to_diffusers_map")
-        lookup = {_strip_dm(_strip_param(k)): _strip_param(v) for k, v in ldm_to_diffusers_map.items()}
-    for name in ldm_names:
-        ldm = _strip_dm(name)
-        if family == "sdxl":
-            out[name] = kohya_prefix(ldm)
-            continue
-        if ldm not in lookup:
-            raise KeyError(f"LDM module {ldm!r} is not in the LDM->diffusers map "
-                           f"({len(lookup)} entries); cannot name it for family {family!r}")
-        out[name] = kohya_prefix(lookup[ldm])
-    return out
+    return _FAMILY_META[family][4] == "ldm"
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise LoraFormatError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in _FAMILY_META:
+        raise LoraFormatError(f"unknown family {family!r}; expected one of {families()}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +479,7 @@ def _layer_alpha(layer, adapter_name: str) -> float:
 def state_from_peft(unet, family: str = "sd15", adapter_name: str = "hero") -> LoraState:
     """Copy the peft adapter into a LoraState (fp32, detached). Module names are the diffusers names
     (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``); kohya names follow the family
-    (sd15/toy: diffusers name, sdxl: LDM name via ``diffusers_to_ldm``). alpha = peft lora_alpha."""
+    (sd15: diffusers name, sdxl: LDM name via ``diffusers_to_ldm``). alpha = peft lora_alpha."""
     _check_family(family)
     layers = lora_layers(unet, adapter_name)
     if not layers:
@@ -509,7 +547,7 @@ def _match_names(candidates: list, state: LoraState, lpb: int) -> "OrderedDict[s
     by_kohya = {}
     for c in candidates:
         by_kohya.setdefault(kohya_prefix(c), c)
-        if state.family == "sdxl":
+        if ldm_naming(state.family):
             try:
                 by_kohya.setdefault(kohya_prefix(diffusers_to_ldm(c, lpb)), c)
             except ValueError:
@@ -552,7 +590,7 @@ def kohya_metadata(state: LoraState, metadata: Mapping | None = None, title: str
     comment, usage hint, date...); the structural ones (network module/dim/alpha, base model,
     architecture, spec version) always describe ``state``."""
     _check_family(state.family)
-    base, arch, impl, res = _FAMILY_META[state.family]
+    base, arch, impl, res, _ = _FAMILY_META[state.family]
     alphas = sorted({m.alpha for m in state.modules.values()})
     title = title or "hero_lora"
     md = {
@@ -644,16 +682,18 @@ def _read_safetensors(path: str):
 
 
 def _family_from(path: str, md: Mapping[str, str], prefixes: Iterable[str]) -> str:
+    by_base = {v[0]: k for k, v in _FAMILY_META.items()}
+    by_arch = {v[1]: k for k, v in _FAMILY_META.items()}
     base = md.get("ss_base_model_version")
     if base is not None:
-        if base in _BASE_VERSION_TO_FAMILY:
-            return _BASE_VERSION_TO_FAMILY[base]
+        if base in by_base:
+            return by_base[base]
         raise LoraFormatError(f"{path}: unknown family: ss_base_model_version={base!r} "
-                              f"(expected one of {sorted(_BASE_VERSION_TO_FAMILY)})")
+                              f"(expected one of {sorted(by_base)})")
     arch = md.get("modelspec.architecture")
     if arch is not None:
-        if arch in _ARCH_TO_FAMILY:
-            return _ARCH_TO_FAMILY[arch]
+        if arch in by_arch:
+            return by_arch[arch]
         raise LoraFormatError(f"{path}: unknown family: modelspec.architecture={arch!r}")
     prefixes = list(prefixes)
     ldm = any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", p) for p in prefixes)
@@ -663,7 +703,7 @@ def _family_from(path: str, md: Mapping[str, str], prefixes: Iterable[str]) -> s
     if diff and not ldm:
         return "sd15"
     raise LoraFormatError(f"{path}: unknown family: no ss_base_model_version metadata and the key names "
-                          f"do not tell (pass family='sd15'|'sdxl'|'toy')")
+                          f"do not tell (pass family=" + "|".join(repr(f) for f in families()) + ")")
 
 
 def _natural_key(s: str):
@@ -674,7 +714,7 @@ def load_kohya(path: str | os.PathLike, family: str | None = None):
     """Read a kohya LoRA file (UNet keys only) -> ``(LoraState, metadata)``; inverse of ``export_kohya``.
 
     Tensors come back as fp32; a module without ``.alpha`` gets alpha = r (scale 1, the kohya rule).
-    Module names are decoded from the kohya prefixes in the family's native naming (sd15/toy:
+    Module names are decoded from the kohya prefixes in the family's native naming (sd15:
     diffusers, sdxl: LDM); ``kohya_names`` keeps the exact prefixes. Raises LoraFormatError naming
     the file for: not a safetensors file, foreign keys (text encoder, DoRA, LoHa...), a missing
     up/down pair, a rank mismatch, an unknown family."""
@@ -722,22 +762,3 @@ def load_kohya(path: str | os.PathLike, family: str | None = None):
     if dim is not None and dim.strip().isdigit() and int(dim) != rank:
         raise LoraFormatError(f"{path}: rank mismatch: ss_network_dim={dim} but the tensors have rank {rank}")
     return LoraState(modules, fam, rank, kohya), md
-
-
-def save_state(state: LoraState, path: str | os.PathLike, metadata: Mapping | None = None) -> None:
-    """The session's own checkpoint: fp32 tensors + header in one safetensors file (atomic)."""
-    from safetensors.torch import save as st_save
-
-    md = {str(k): _meta_str(v) for k, v in (metadata or {}).items()}
-    md.update(state.header())
-    atomic_write_bytes(path, st_save(state.to_tensors(), metadata=md))
-
-
-def load_state(path: str | os.PathLike):
-    """Inverse of ``save_state`` -> ``(LoraState, metadata)``."""
-    path = os.fspath(path)
-    tensors, md = _read_safetensors(path)
-    try:
-        return LoraState.from_tensors(tensors, md), md
-    except LoraFormatError as e:
-        raise LoraFormatError(f"{path}: {e}") from e

@@ -48,6 +48,7 @@ from .feedback import Marks, MarksError
 from .fileio import (TEMP_SUFFIX, atomic_torch_save, atomic_write_bytes, atomic_write_json,
                      fsync_dir, remove_stale_temps)
 from .locks import FolderLock
+from .lora import LoraState, read_session_lora
 from .policy import PolicyConfig
 from .representation import RepresentationConfig
 
@@ -660,6 +661,23 @@ class Session:
                 if p.exists():
                     out[name] = torch_load(p)
             return out
+
+    def load_lora(self, state: Optional[dict] = None, family: Optional[str] = None,
+                  alpha: Optional[float] = None) -> Optional[LoraState]:
+        """The session's LoRA (module names, kohya names, family, fp32 tensors) after the last
+        completed round; None before the first. ``state``: the learned state if the caller has
+        loaded it. Sessions from older versions stored it without its layout
+        (``lora.read_session_lora``): the ComfyUI adapter's form is read with the layout
+        session.json recorded (``info.lora_layout``), the diffusers backend's with ``family``
+        and ``alpha`` (default the config's)."""
+        st = self.load_state(("lora",)) if state is None else state
+        tensors = st.get("lora")
+        if tensors is None:
+            return None
+        layout = self.info.get("lora_layout") or {}
+        return read_session_lora(tensors, family=family or layout.get("family"),
+                                 kohya_names=layout.get("kohya"), base_model=layout.get("model", ""),
+                                 alpha=self.config.lora_alpha if alpha is None else alpha)
 
     def state_problem(self) -> Optional[tuple[str, Path]]:
         """(what is wrong, the file) if the state folder session.json names is missing or does

@@ -1,7 +1,15 @@
 """The ComfyUI adapter: ComfyUI MODEL / CONDITIONING / VAE -> the engine's denoiser protocol.
 
-Everything that touches ComfyUI's sampling and training machinery lives here; the nodes in
-``nodes.py`` stay thin. Design (DESIGN.md decisions 3-5, comfyui_guide 2.3-2.7):
+The node operations live here (HERO Generate, Train, Apply LoRA, the exports); the nodes in
+``nodes.py`` stay thin. The adapter's parts, split along their seams:
+
+* ``host_models.py``   which MODEL HERO can train, the LoRA's layers and their kohya names;
+* ``host_lora.py``     the session's LoRA on a MODEL: weight wrappers and plain patches;
+* ``host_sampler.py``  the sampler bridge (``_CallbackSampler``, conds cloning, progress) and the
+                       update's memory modes.
+
+Each operation loads the session's state once and passes it down. Design (DESIGN.md
+decisions 3-5, comfyui_guide 2.3-2.7):
 
 * Sampling and the PPO update both run *inside* ComfyUI's own ``CFGGuider`` with a custom
   ``comfy.samplers.Sampler`` (``_CallbackSampler``), so conds, CFG, ControlNets, hooks and model
@@ -15,14 +23,14 @@ Everything that touches ComfyUI's sampling and training machinery lives here; th
   "variant B": model weights are inference tensors). For generation it is merged as plain
   patches, as a KSampler with LoraLoader would run it. The cached checkpoint model is never
   mutated.
-* The session keeps the LoRA as ``{"<ldm module>.down|up|alpha": tensor}`` (fp32, LDM module names
-  without ``diffusion_model.``); the kohya names (family-native) are computed from the model.
+* The session keeps the LoRA as a ``hero_engine.lora.LoraState`` (fp32, LDM module names without
+  ``diffusion_model.``, the family-native kohya names and the family): the state every path reads
+  and writes, so HERO_ExportLoRA needs no MODEL input.
 * The MODEL that leaves HERO_Train / HERO_ApplyLoRA carries the LoRA as plain ``add_patches``
   (the same path as LoraLoader), so any KSampler can use it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -32,348 +40,29 @@ from typing import Any, Optional
 import torch
 
 from ..hero_engine import loop as hero_loop
-from ..hero_engine.lora import (LoraModule, LoraState, export_kohya, invert_unet_to_diffusers,
-                                names_from_map)
+from ..hero_engine.lora import export_kohya
 from ..hero_engine.policy import PolicyOptimizer
 from ..hero_engine.sampling import DDIMSchedule
-from ..hero_engine.session import LORA_TARGETS, HeroConfig, Session, SessionError
+from ..hero_engine.session import Session, SessionError
+from .host_lora import (LoraWeightWrapper, attach_lora, initial_lora, kohya_tensors,
+                        patched_model, session_lora, trained_lora)
+from .host_models import (DM, TARGET_SUFFIXES, HeroHostError, _module, check_vae, kohya_names,
+                          lora_targets, model_family)
+from .host_sampler import (_clone_conds, _progress, _sampler_base, gradient_checkpointing,
+                           make_denoiser, release_other_models)
 
 log = logging.getLogger("HERO")
 
-TARGET_SUFFIXES = tuple("." + s for s in LORA_TARGETS[HeroConfig().lora_targets])
-DM = "diffusion_model."
 GENERATE_MICRO_BATCH = 8
 
-
-class HeroHostError(ValueError):
-    """A model, input or session that HERO cannot use here; the message says what and the fix."""
-
-
-# ---- model checks and names ------------------------------------------------------------------
-
-def _prediction_name(ms) -> str:
-    import comfy.model_sampling as cms
-    for name in ("EDM", "V_PREDICTION", "IMG_TO_IMG", "X0", "CONST", "EPS"):
-        cls = getattr(cms, name, None)
-        if cls is not None and isinstance(ms, cls):
-            return name
-    return type(ms).__name__
-
-
-def model_family(model) -> str:
-    """'sd15' or 'sdxl' for a supported ComfyUI MODEL, else HeroHostError naming the type."""
-    import comfy.model_sampling as cms
-    import comfy.supported_models as sm
-    if model is None or not hasattr(model, "model") or not hasattr(model, "get_model_object"):
-        raise HeroHostError(f"expected a ComfyUI MODEL (from Load Checkpoint), got "
-                            f"{type(model).__name__}")
-    base = model.model
-    mc = getattr(base, "model_config", None)
-    ms = model.get_model_object("model_sampling")
-    pred = _prediction_name(ms)
-    fam = None
-    in_ch = (getattr(mc, "unet_config", {}) or {}).get("in_channels", 4)
-    if mc is not None and in_ch == 4:
-        if isinstance(mc, sm.SDXL):
-            fam = "sdxl"
-        elif type(mc) is sm.SD15:
-            fam = "sd15"
-    what = f"{type(mc).__name__ if mc is not None else type(base).__name__} with {pred} prediction"
-    if fam is None:
-        raise HeroHostError(f"HERO supports SD1.5 and SDXL epsilon-prediction models; this MODEL is "
-                            f"{what} ({in_ch} input channels). Load an SD1.5 or SDXL checkpoint.")
-    if pred != "EPS" or not isinstance(ms, cms.ModelSamplingDiscrete):
-        raise HeroHostError(f"HERO supports SD1.5 and SDXL epsilon-prediction models with the "
-                            f"discrete DDPM schedule; this MODEL is {what} "
-                            f"({type(ms).__mro__[1].__name__} sampling). v-prediction, EDM, flow and "
-                            f"x0 models are not supported (remove ModelSampling* patches, or use an "
-                            f"eps checkpoint).")
-    return fam
-
-
-def lora_targets(model, session: Optional[Session] = None) -> list[str]:
-    """LDM module names (without ``diffusion_model.``) of the linear layers HERO trains: the
-    session's ``lora_targets`` set (hero_engine.session.LORA_TARGETS; default the config's)."""
-    key = (session.config if session is not None else HeroConfig()).lora_targets
-    suffixes = tuple("." + s for s in LORA_TARGETS[key])
-    out = []
-    for name, m in model.model.diffusion_model.named_modules():
-        w = getattr(m, "weight", None)
-        if (name.endswith(suffixes) and hasattr(m, "weight_function") and w is not None
-                and w.dim() == 2):
-            out.append(name)
-    if not out:
-        raise HeroHostError(f"this MODEL has no layers named {'/'.join(LORA_TARGETS[key])} to "
-                            f"put a LoRA on")
-    return out
-
-
-def kohya_names(model, family: str, names: list[str]) -> dict:
-    """LDM name -> family-native kohya prefix (SD1.5: diffusers name, SDXL: LDM name)."""
-    import comfy.utils
-    m = None
-    if family != "sdxl":
-        m = invert_unet_to_diffusers(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config))
-    return dict(names_from_map(names, m, family))
-
-
-def _module(model, name: str):
-    m = model.model.diffusion_model
-    for part in name.split("."):
-        m = getattr(m, part)
-    return m
-
-
-# ---- the session's LoRA ------------------------------------------------------------------------
-
-def initial_lora(model, names: list[str], rank: int, alpha: float, seed: int) -> dict:
-    """Round-0 LoRA: down ~ N(0, 1/r^2) (peft's 'gaussian' init), up = 0 (so delta W = 0)."""
-    g = torch.Generator().manual_seed(int(seed) * 7 + 12345)
-    out = {}
-    for n in names:
-        w = _module(model, n).weight
-        out[f"{n}.down"] = torch.randn(rank, w.shape[1], generator=g) / rank
-        out[f"{n}.up"] = torch.zeros(w.shape[0], rank)
-        out[f"{n}.alpha"] = torch.tensor(float(alpha), dtype=torch.float64)
-    return out
-
-
-def session_lora(session: Session, model, names: list[str]) -> dict:
-    """The session's current LoRA tensors, checked against ``model`` (or the round-0 init)."""
-    cfg = session.config
-    st = session.load_state()
-    tensors = st.get("lora")
-    if tensors is None:
-        return initial_lora(model, names, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    have = {k.rsplit(".", 1)[0] for k in tensors}
-    if have != set(names):
-        extra, missing = sorted(have - set(names)), sorted(set(names) - have)
-        raise HeroHostError(
-            f"session '{session.session_id}' holds a LoRA for a different model ("
-            f"{len(have)} modules; {len(missing)} of this model's attention layers are missing, "
-            f"e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}). Use the checkpoint the "
-            f"session was started with, or a new session_id.")
-    for n in names:
-        w = _module(model, n).weight
-        d, u = tensors[f"{n}.down"], tensors[f"{n}.up"]
-        if d.shape[1] != w.shape[1] or u.shape[0] != w.shape[0]:
-            raise HeroHostError(
-                f"session '{session.session_id}': LoRA module {n} has shape up {tuple(u.shape)} / "
-                f"down {tuple(d.shape)} but the model's weight is {tuple(w.shape)}; use the "
-                f"checkpoint the session was started with, or a new session_id.")
-    return tensors
-
-
-def lora_state(tensors: dict, names: list[str], family: str, kohya: dict) -> LoraState:
-    """Session tensors -> hero_engine.lora.LoraState (for export)."""
-    mods = {}
-    rank = None
-    for n in names:
-        down, up = tensors[f"{n}.down"].float(), tensors[f"{n}.up"].float()
-        a = tensors.get(f"{n}.alpha")
-        mods[n] = LoraModule(down, up, float(a) if a is not None else float(down.shape[0]))
-        rank = mods[n].rank
-    return LoraState(mods, family, rank, {n: kohya[n] for n in names})
-
-
-def remember_lora_layout(session: Session, model, family: str, names: list[str]) -> dict:
-    """Store family + kohya names in the session info (HERO_ExportLoRA needs no MODEL input)."""
-    kohya = kohya_names(model, family, names)
-    info = {"family": family, "kohya": kohya, "rank": session.config.lora_rank,
-            "alpha": session.config.lora_alpha,
-            "model": type(model.model.model_config).__name__}
-    if session.info.get("lora_layout") != info:
-        session.update_info(lora_layout=info)
-    return kohya
-
-
-# ---- weight wrappers -------------------------------------------------------------------------
-
-class LoraWeightWrapper(torch.nn.Module):
-    """``w -> w + alpha/r * up @ down``; a ComfyUI weight function (``add_weight_wrapper``)."""
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, trainable: bool):
-        super().__init__()
-        self.down = torch.nn.Parameter(down, requires_grad=trainable)
-        self.up = torch.nn.Parameter(up, requires_grad=trainable)
-        self.scale = float(scale)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        d = (self.up.to(w.device, torch.float32) @ self.down.to(w.device, torch.float32)) * self.scale
-        return w.detach() + d.to(w.dtype)  # detach: gradients reach the LoRA only, never the model
-
-
-def _own_copy(w: torch.Tensor) -> torch.Tensor:
-    """Identity wrapper on a frozen weight (guide 2.3 variant B). A layer with a weight function
-    gets its weight from ``comfy.ops.cast_bias_weight`` as a copy (``cast_to(copy=True)``, in both
-    supported ComfyUI versions), made here outside inference mode: a normal tensor that autograd
-    may save, unlike the model's own inference tensors. So the wrapper needs to copy nothing
-    more (a second clone cost 12% of the PPO update on SD1.5, docs/performance.md); detached so
-    no gradient reaches the shared model."""
-    return w.detach()
-
-
-def attach_lora(model, tensors: dict, names: list[str], trainable: bool, copy_others: bool):
-    """``model.clone()`` with the LoRA as weight wrappers -> (patcher, {param name: Parameter}).
-    With ``trainable`` the parameters are fp32 leaves requiring grad; with ``copy_others`` every
-    other weight/bias gets an identity copy wrapper (needed for backward, guide 2.3)."""
-    mp = model.clone()
-    dev = mp.load_device
-    params = {}
-    for n in names:
-        a = tensors.get(f"{n}.alpha")
-        down = tensors[f"{n}.down"].detach().to(dev, torch.float32).clone()
-        up = tensors[f"{n}.up"].detach().to(dev, torch.float32).clone()
-        alpha = float(a) if a is not None else float(down.shape[0])
-        wr = LoraWeightWrapper(down, up, alpha / down.shape[0], trainable)
-        mp.add_weight_wrapper(f"{DM}{n}.weight", wr)
-        params[f"{n}.down"] = wr.down
-        params[f"{n}.up"] = wr.up
-    if copy_others:
-        targets = {DM + n for n in names}
-        for mname, m in mp.model.named_modules():
-            if not hasattr(m, "weight_function"):
-                continue
-            if getattr(m, "weight", None) is not None and mname not in targets:
-                mp.add_weight_wrapper(f"{mname}.weight", _own_copy)
-            if getattr(m, "bias", None) is not None:
-                mp.add_weight_wrapper(f"{mname}.bias", _own_copy)
-    return mp, params
-
-
-def kohya_tensors(tensors: dict, names: list[str], kohya: dict) -> dict:
-    """Session tensors -> an in-memory kohya LoRA dict (what export_kohya writes, fp32)."""
-    out = {}
-    for n in names:
-        k = kohya[n]
-        down = tensors[f"{n}.down"].float()
-        out[f"{k}.lora_down.weight"] = down
-        out[f"{k}.lora_up.weight"] = tensors[f"{n}.up"].float()
-        a = tensors.get(f"{n}.alpha")
-        out[f"{k}.alpha"] = torch.tensor(float(a) if a is not None else float(down.shape[0]))
-    return out
-
-
-def patched_model(model, tensors: dict, names: list[str], kohya: dict, strength: float = 1.0):
-    """A fresh ``model.clone()`` with the LoRA as plain patches (LoraLoader's path), usable by any
-    sampler. Every module must match a model key."""
-    import comfy.lora
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(kohya_tensors(tensors, names, kohya), key_map)
-    if len(patches) != len(names):
-        raise HeroHostError(f"only {len(patches)} of {len(names)} LoRA modules matched the model "
-                            f"(kohya names); this is a bug, please report it")
-    m = model.clone()
-    m.add_patches(patches, float(strength))
-    return m
-
-
-# ---- denoiser + samplers -------------------------------------------------------------------
-
-def make_denoiser(model_wrap, extra_args: dict):
-    """The engine's Denoiser over ComfyUI's CFG-combined x0 prediction."""
-    def denoiser(x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor, index: torch.Tensor):
-        ab = alpha_bar.to(x.device, torch.float32).reshape(-1)
-        sigma = ((1.0 - ab) / ab).sqrt()
-        view = (-1,) + (1,) * (x.dim() - 1)
-        x_k = x.float() * (1.0 + sigma ** 2).sqrt().view(view)
-        x0 = model_wrap(x_k, sigma, **extra_args)
-        return (x_k - x0.float()) / sigma.view(view)
-    return denoiser
-
-
-def _clone_conds(d):
-    """Clone every tensor in processed conds (nodes_train.process_cond_list + CONDRegular.cond)."""
-    if isinstance(d, dict):
-        for k, v in list(d.items()):
-            if isinstance(v, torch.Tensor):
-                d[k] = v.clone()
-            else:
-                d[k] = _clone_conds(v)
-        return d
-    if isinstance(d, list):
-        for i, v in enumerate(d):
-            d[i] = v.clone() if isinstance(v, torch.Tensor) else _clone_conds(v)
-        return d
-    c = getattr(d, "cond", None)
-    if isinstance(c, torch.Tensor) and hasattr(d, "_copy_with"):
-        return d._copy_with(c.clone())
-    return d
-
-
-def _sampler_base():
-    import comfy.samplers
-
-    class _CallbackSampler(comfy.samplers.Sampler):
-        """A ComfyUI Sampler that hands model_wrap to ``fn(model_wrap, extra_args, noise)``."""
-
-        def __init__(self, fn):
-            self.fn = fn
-
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
-                   denoise_mask=None, disable_pbar=False):
-            return self.fn(model_wrap, extra_args, noise)
-
-    return _CallbackSampler
-
-
-def _progress(total_hint: int = 100):
-    import comfy.model_management as mm
-    import comfy.utils
-    bar = comfy.utils.ProgressBar(max(1, total_hint))
-
-    def progress(phase: str, i: int, n: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(int(i), int(max(n, 1)))
-    return progress
-
-
-# ---- memory modes of the update (hero_engine/memory.py) ----------------------------------------
-
-def release_other_models(mp, device) -> int:
-    """Unload every model ComfyUI holds on ``device`` except ``mp`` and its clones (the VAE, the
-    text encoders) -> how many. ``comfy_extras/nodes_train.py`` does this with
-    ``load_models_gpu([mp], memory_required=1e20)``; ``free_memory`` is called directly here
-    because ``load_models_gpu`` frees nothing on a CPU device (the same call, testable there)."""
-    import comfy.model_management as mm
-    own = [mp, *mp.model_patches_models()]
-    keep = [lm for lm in mm.current_loaded_models
-            if lm.model is not None and any(lm.model is m or lm.model.is_clone(m) for m in own)]
-    return len(mm.free_memory(1e30, device, keep_loaded=keep))
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(mp, on: bool):
-    """ComfyUI's own gradient checkpointing (the Train LoRA node's ``patch`` / ``unpatch`` of the
-    diffusion model's highest child modules, ``comfy_extras/nodes_train.py``) for the update ->
-    the number of checkpointed modules. The modules are shared with the host's MODEL, so they are
-    always unpatched afterwards."""
-    if not on:
-        yield 0
-        return
-    try:
-        from comfy_extras import nodes_train
-        find, patch, unpatch = (nodes_train.find_all_highest_child_module_with_forward,
-                                nodes_train.patch, nodes_train.unpatch)
-    except (ImportError, AttributeError) as e:
-        raise HeroHostError(f"gradient checkpointing uses ComfyUI's comfy_extras/nodes_train.py, "
-                            f"which this ComfyUI does not offer ({e}); turn "
-                            f"gradient_checkpointing off on HERO Session, or update ComfyUI"
-                            ) from None
-    mods = find(mp.model.diffusion_model)
-    for m in mods:
-        patch(m)
-    try:
-        yield len(mods)
-    finally:
-        for m in mods:
-            unpatch(m)
-
-
-def check_vae(vae) -> None:
-    if vae is None or not hasattr(vae, "decode"):
-        raise HeroHostError("HERO Generate needs a VAE to decode the batch: connect the VAE output "
-                            "of Load Checkpoint (or a VAE Loader)")
+__all__ = [  # the node operations, and the adapter's parts that tests and benchmarks reach here
+    "HeroHostError", "NothingToExport", "HeroBatch", "TrainResult", "generate", "train",
+    "apply_lora", "export_lora", "export_preferences", "export_noise", "check_export_args",
+    "export_path", "model_family", "lora_targets", "kohya_names", "check_vae", "initial_lora",
+    "session_lora", "attach_lora", "patched_model", "kohya_tensors", "LoraWeightWrapper",
+    "make_denoiser", "release_other_models", "gradient_checkpointing", "DM", "TARGET_SUFFIXES",
+    "trained_lora",
+    "GENERATE_MICRO_BATCH", "_module", "_clone_conds", "_sampler_base"]
 
 
 @dataclass
@@ -429,7 +118,6 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
     scfg = session.config
     steps = int(steps) or scfg.steps
     cfg = float(cfg) or scfg.cfg
@@ -462,7 +150,8 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     # what a KSampler with the LoRA costs. Weight wrappers (attach_lora, what training needs)
     # recompute W + B A in every call: 22% of Generate on SD1.5 at 64 px (docs/performance.md).
     # In fp32 both give the same weights bit for bit (the host test checks the PPO ratio is 1).
-    mp = patched_model(model, session_lora(session, model, names), names, kohya)
+    st = session.load_state()  # once: the LoRA here, the best noise and the pool in the loop
+    mp = patched_model(model, session_lora(session, model, names, st, family))
     ms = mp.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).cpu()
     schedule = DDIMSchedule.from_sigmas(sigmas, ms.sigmas.detach().cpu())
@@ -473,7 +162,6 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     guider.set_cfg(cfg)
     progress = _progress(steps)
     out: dict = {}
-    old_bs = scfg.batch_size
 
     def run(model_wrap, extra_args, noise):
         def decode(x0):
@@ -493,16 +181,13 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
                         "seed": int(seed), "family": family, "host": "comfyui",
                         "prompt_text": workflow.get("prompt") or "",
                         "negative_text": workflow.get("negative") or "",
-                        "checkpoint": workflow.get("checkpoint") or ""})
+                        "checkpoint": workflow.get("checkpoint") or ""},
+            batch_size=n, state=st)  # this round's size (a per-round setting, not persisted)
         return out["batch"].trajectory.x0.float().to(noise.device)
 
     noise = torch.zeros((n, *shape))
-    try:
-        scfg.batch_size = n  # this round's size (per-round setting, not persisted)
-        latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
-                               seed=int(seed))
-    finally:
-        scfg.batch_size = old_bs
+    latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
+                           seed=int(seed))
     return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative, cfg, steps,
                      width, height, reused=False, family=family)
 
@@ -541,11 +226,10 @@ def train(model, session: Session, feedback) -> TrainResult:
         raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
                             f"'{session.session_id}'")
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
     k = session.round
     if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
-        tensors = session_lora(session, model, names)
-        return TrainResult(patched_model(model, tensors, names, kohya), {}, False,
+        lora = session_lora(session, model, names, session.load_state(("lora",)), family)
+        return TrainResult(patched_model(model, lora), {}, False,
                            f"round {feedback.round} was already trained")
     if int(feedback.round) > k:
         raise HeroHostError(f"the feedback is for round {feedback.round} but session "
@@ -553,16 +237,18 @@ def train(model, session: Session, feedback) -> TrainResult:
     if batch is None or getattr(batch, "positive", None) is None:
         raise HeroHostError("the feedback carries no HERO batch with conditioning; connect HERO "
                             "Generate -> HERO Feedback -> HERO Train")
-    tensors = session_lora(session, model, names)
     device = mm.get_torch_device()
     progress = _progress(100)
     log.info("HERO: session %s round %d: training (%d marks)", session.session_id, k,
              feedback.marks.count)
     with torch.inference_mode(False), torch.enable_grad():
-        plan = hero_loop.prepare_learning(session, device=device, progress=progress)
-        mp, params = attach_lora(model, tensors, names, trainable=True, copy_others=True)
-        popt = PolicyOptimizer(params, session.config.policy)
+        # once, outside inference mode (the optimizer's state is updated in place): the LoRA,
+        # the optimizer, the encoder, the best, the pool
         st = session.load_state()
+        lora = session_lora(session, model, names, st, family)
+        plan = hero_loop.prepare_learning(session, device=device, progress=progress, state=st)
+        mp, params = attach_lora(model, lora, trainable=True, copy_others=True)
+        popt = PolicyOptimizer(params, session.config.policy)
         if "policy_opt" in st:
             try:
                 popt.load_state_dict(st["policy_opt"])
@@ -596,16 +282,11 @@ def train(model, session: Session, feedback) -> TrainResult:
             guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas, seed=0)
         plan.metrics.update({"released_models": released,
                              "checkpointed_modules": n_checkpointed})
-        lora_out = {}
-        for n in names:
-            lora_out[f"{n}.down"] = params[f"{n}.down"].detach()
-            lora_out[f"{n}.up"] = params[f"{n}.up"].detach()
-            lora_out[f"{n}.alpha"] = torch.as_tensor(tensors[f"{n}.alpha"]).detach().clone()
-        metrics = hero_loop.complete_round(session, plan, lora_out, popt,
+        new = trained_lora(lora, params)
+        metrics = hero_loop.complete_round(session, plan, new, popt,
                                            {"host": "comfyui", "family": family})
-    new = {k_: v.detach().cpu().float() for k_, v in lora_out.items()}
     del mp, params, popt
-    return TrainResult(patched_model(model, new, names, kohya), metrics, True,
+    return TrainResult(patched_model(model, new), metrics, True,
                        f"round {k} trained")
 
 
@@ -613,12 +294,10 @@ def apply_lora(model, session: Session, strength: float = 1.0):
     """HERO_ApplyLoRA: the session's current LoRA on a clone of ``model`` (plain patches)."""
     family = model_family(model)
     names = lora_targets(model, session)
-    kohya = remember_lora_layout(session, model, family, names)
-    st = session.load_state()
+    st = session.load_state(("lora",))
     if "lora" not in st:
         return model.clone(), False
-    tensors = session_lora(session, model, names)
-    return patched_model(model, tensors, names, kohya, strength), True
+    return patched_model(model, session_lora(session, model, names, st, family), strength), True
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -661,6 +340,21 @@ def export_path(prefix: str, round_: int) -> Path:
     return root / "hero" / f"{prefix}_r{round_:04d}.safetensors"
 
 
+def _stored_lora(session: Session, state: dict):
+    """The session's stored LoRA (its family and kohya names come with it; a session from an
+    older version is read with the layout its session.json recorded)."""
+    from ..hero_engine.lora import LoraFormatError
+    try:
+        lora = session.load_lora(state)
+    except LoraFormatError as e:
+        raise HeroHostError(f"session '{session.session_id}': {e}; train a round with the "
+                            f"session's model (HERO Train), then export again") from None
+    if lora is None:
+        raise NothingToExport(f"session '{session.session_id}' has no trained LoRA yet: the "
+                              f"first export comes after round 0 is trained (HERO Train)")
+    return lora
+
+
 class NothingToExport(HeroHostError):
     """The session has nothing of that kind yet (no trained round, no marks): HERO's export
     nodes show it as a message and let the round go on; the panel's route answers 409."""
@@ -681,31 +375,18 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
         if "lora" not in st:
             raise NothingToExport(f"session '{s.session_id}' has no trained LoRA yet: the "
                                   f"first export comes after round 0 is trained (HERO Train)")
-        layout = s.info.get("lora_layout")
-        if not layout:
-            raise HeroHostError(f"session '{s.session_id}' does not record its model family; "
-                                f"run HERO Generate or HERO Apply LoRA once with the session's "
-                                f"model")
-        tensors = st["lora"]
-        have = {k.rsplit(".", 1)[0] for k in tensors}
-        names = [n for n in layout["kohya"] if n in have]
-        if len(names) != len(have):
-            raise HeroHostError(f"session '{s.session_id}': the recorded model layout does not "
-                                f"cover the LoRA ({len(have) - len(names)} modules unnamed); run "
-                                f"HERO Apply LoRA once with the session's model, then export "
-                                f"again")
-        state = lora_state(tensors, names, layout["family"], layout["kohya"])
+        state = _stored_lora(s, st)
         path = export_path(prefix, s.round)
         cfg = s.config
         md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
               "hero_labels_used": str(s.labels_used), "hero_method": cfg.method,
               "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
-              "hero_base_model": layout.get("model", ""), "hero_family": layout["family"],
+              "hero_base_model": state.base_model, "hero_family": state.family,
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
                                      f"{s.round} rounds, {s.labels_used} labels"}
-        base = s.info.get("base_checkpoint") or layout.get("model", "")
-        card, sidecar = session_card(s, layout["family"], base_model=base, author=author)
+        base = s.info.get("base_checkpoint") or state.base_model
+        card, sidecar = session_card(s, state.family, base_model=base, author=author)
         md.update(card)
         md_written = export_kohya(state, path, md,
                                   dtype=torch.float16 if dtype == "fp16" else torch.float32,
@@ -713,7 +394,7 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
         side = path.with_suffix(".json")
         atomic_write_json(side, sidecar, mode=PUBLIC_MODE)
         return {"file": f"hero/{path.name}", "path": str(path), "filename": f"hero/{path.name}",
-                "modules": len(names), "metadata": md_written, "sidecar": str(side)}
+                "modules": len(state), "metadata": md_written, "sidecar": str(side)}
 
     res = session.export_state(write, names=("lora",))
     res.pop("file", None)
@@ -754,10 +435,7 @@ def export_noise(session: Session, limit: int = 64) -> dict:
         if session.best is None:
             raise NothingToExport(f"session '{session.session_id}' has no best image yet: mark "
                                   f"and train round 0 first")
-        family = (session.info.get("lora_layout") or {}).get("family")
-        if family is None:
-            raise HeroHostError(f"session '{session.session_id}' does not record its model "
-                                f"family; run HERO Generate once with the session's model")
+        family = _stored_lora(session, session.load_state(("lora",))).family
         name = f"hero_{session.session_id}_r{session.round:04d}.latent"
         path = Path(folder_paths.get_input_directory()) / name
         res = export_noise_latent(session, path, family, limit=int(limit))

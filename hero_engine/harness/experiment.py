@@ -260,7 +260,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     if export:
         from ..lora import export_kohya
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
-        export_kohya(be.lora_export_state(), path, metadata={
+        export_kohya(session.load_lora(), path, metadata={
             "hero_session_id": session.session_id, "hero_rounds": str(session.round),
             "hero_marks_used": str(session.labels_used), "hero_prompts": json.dumps([prompt]),
             "hero_task": spec.task})

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+import hero_engine.toy  # noqa: F401  (registers the toy LoRA family)
 from hero_engine import lora as L
 
 pytest.importorskip("peft")
@@ -121,17 +122,13 @@ def test_delta_is_alpha_over_r_up_down():
 def test_init_state_for_the_comfy_side():
     shapes = {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
               "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768)}
-    kohya = L.names_from_map(shapes, None, "sdxl")
+    kohya = {n: L.kohya_prefix(n) for n in shapes}  # SDXL: the LDM names (nodes/host_models.py)
     st = L.LoraState.init(shapes, rank=8, alpha=8.0, family="sdxl", kohya_names=kohya, seed=0)
     m = st["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
     assert m.down.shape == (8, 768) and m.up.shape == (320, 8) and not m.up.any()
     assert abs(m.down.std().item() - 1 / 8) < 0.01
-    assert st.name_map["input_blocks.1.1.transformer_blocks.0.attn2.to_k"] == \
+    assert st.kohya_names["input_blocks.1.1.transformer_blocks.0.attn2.to_k"] == \
         "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
-    params = st.trainable()
-    assert len(params) == 4 and all(p.requires_grad and p.is_leaf for p in params)
-    (st.delta("input_blocks.1.1.transformer_blocks.0.attn1.to_q").sum() + params[1].sum()).backward()
-    assert params[1].grad is not None
     with pytest.raises(L.LoraFormatError, match="rank"):
         L.LoraState(OrderedDict(a=L.LoraModule(torch.zeros(2, 3), torch.zeros(3, 2), 1.0)), "toy", 4)
 
@@ -139,20 +136,73 @@ def test_init_state_for_the_comfy_side():
 def test_session_checkpoint_roundtrip_is_exact(tmp_path):
     st = rand_state("toy", alpha=0.3)  # 0.3 is not exact in fp32: must still survive
     st.kohya_names[next(iter(st))] = "lora_unet_custom_name"
-    p = tmp_path / "state.safetensors"
-    L.save_state(st, p, {"hero_round": 3})
-    back, md = L.load_state(p)
-    assert list(back) == list(st) and back.family == "toy" and back.rank == 4
-    assert back.kohya_names == st.kohya_names and md["hero_round"] == "3"
-    for n in st:
-        assert torch.equal(back[n].down, st[n].down) and torch.equal(back[n].up, st[n].up)
-        assert back[n].alpha == 0.3 and back[n].down.dtype == torch.float32
-    # the in-memory form too
+    # the session's form (its lora.pt)
     for again in (L.LoraState.from_tensors(st.to_tensors(), st.header()), L.LoraState.from_tensors(st.to_tensors())):
         assert list(again) == list(st) and again.kohya_names == st.kohya_names and again.family == "toy"
         assert all(torch.equal(again.delta(n), st.delta(n)) and again[n].alpha == 0.3 for n in st)
     with pytest.raises(L.LoraFormatError, match="header"):
         L.LoraState.from_tensors({"a.down": torch.zeros(1, 1)})
+    # through a session on disk, exactly
+    from hero_engine.session import BestRecord, HeroConfig, Session
+    s = Session.create(tmp_path / "s", HeroConfig(batch_size=2, steps=1))
+    assert s.load_lora() is None
+    s.complete_round(0, {"lora": L.session_tensors(st)}, {"round": 0}, BestRecord(0, 0), 2)
+    back = Session.open(s.path).load_lora()
+    assert list(back) == list(st) and back.family == "toy" and back.rank == 4
+    assert back.kohya_names == st.kohya_names
+    for n in st:
+        assert torch.equal(back[n].down, st[n].down) and torch.equal(back[n].up, st[n].up)
+        assert back[n].alpha == 0.3 and back[n].down.dtype == torch.float32
+
+
+def test_sessions_from_older_versions_still_open(tmp_path):
+    """Before the session stored a LoraState, the ComfyUI adapter stored {module.down|up|alpha}
+    with the family and kohya names in session.json (info.lora_layout), and the diffusers backend
+    stored its peft parameters: both still read, with the same tensors and names."""
+    from hero_engine.session import BestRecord, HeroConfig, Session
+    ldm = ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+    kohya = {n: L.kohya_prefix(n) for n in ldm}
+    g = torch.Generator().manual_seed(0)
+    old = {}
+    for n in ldm:
+        old[f"{n}.down"] = torch.randn(4, 8, generator=g)
+        old[f"{n}.up"] = torch.randn(16, 4, generator=g)
+        old[f"{n}.alpha"] = torch.tensor(2.0)
+    s = Session.create(tmp_path / "comfy", HeroConfig(batch_size=2, steps=1))
+    s.update_info(lora_layout={"family": "sdxl", "kohya": kohya, "rank": 4, "alpha": 2.0, "model": "SDXL"})
+    s.complete_round(0, {"lora": old}, {"round": 0}, BestRecord(0, 0), 2)
+    st = Session.open(s.path).load_lora()
+    assert list(st) == ldm and st.family == "sdxl" and st.rank == 4 and st.base_model == "SDXL"
+    assert st.kohya_names == kohya
+    assert all(torch.equal(st[n].down, old[f"{n}.down"]) and st[n].alpha == 2.0 for n in ldm)
+    # an older ComfyUI session without its layout cannot be named
+    s2 = Session.create(tmp_path / "nolayout", HeroConfig(batch_size=2, steps=1))
+    s2.complete_round(0, {"lora": old}, {"round": 0}, BestRecord(0, 0), 2)
+    with pytest.raises(L.LoraFormatError, match="family"):
+        s2.load_lora()
+    # the diffusers backend's peft parameters: the backend's alpha and family
+    unet, _ = trained_unet(SD15_CFG, rank=4, alpha=2.0)
+    peft_old = {n: p.detach().float().clone() for n, p in unet.named_parameters() if ".lora_" in n}
+    ref = L.state_from_peft(unet, "toy")
+    back = L.read_session_lora(peft_old, family="toy", alpha=2.0)
+    assert list(back) == list(ref) and back.kohya_names == ref.kohya_names and back.family == "toy"
+    assert all(torch.equal(back.delta(n), ref.delta(n)) for n in ref)
+    s3 = Session.create(tmp_path / "toy", HeroConfig(batch_size=2, steps=1, lora_alpha=2.0))
+    s3.complete_round(0, {"lora": peft_old}, {"round": 0}, BestRecord(0, 0), 2)
+    via = Session.open(s3.path).load_lora(family="toy")
+    assert all(torch.equal(via.delta(n), ref.delta(n)) for n in ref)
+    # ... and the backend loads them as it did
+    from tiny import tiny_backend
+    be = tiny_backend()
+    with torch.no_grad():
+        for p in be.lora_parameters().values():
+            p.add_(0.01)
+    params = {n: p.detach().float().clone() for n, p in be.lora_parameters().items()}
+    now = be.lora_state()
+    be2 = tiny_backend()
+    be2.load_lora_state(params)
+    again = be2.lora_state()
+    assert list(again) == list(now) and all(torch.equal(now[k], again[k]) for k in now)
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -184,29 +234,6 @@ def test_decode_kohya_prefix_inverts_known_names():
                  "mid_block.attentions.0.proj_in", "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj",
                  "middle_block.1.transformer_blocks.0.attn2.to_v", "output_blocks.11.1.proj_out"]:
         assert L.decode_kohya_prefix(L.kohya_prefix(name)) == name
-
-
-def test_names_from_map_comfy_style():
-    # what comfy.utils.unet_to_diffusers returns: diffusers param key -> LDM param key
-    d2l = {
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",
-    }
-    l2d = L.invert_unet_to_diffusers(d2l)
-    assert l2d["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"] == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
-    ldm = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
-           "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"]
-    assert list(L.names_from_map(ldm, l2d, "sd15").values()) == [
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"]
-    # the raw .weight map works too; SDXL uses the LDM name and needs no map
-    assert L.names_from_map(ldm[:1], {v: k for k, v in d2l.items()}, "sd15")[ldm[0]].endswith("attn1_to_q")
-    assert L.names_from_map(ldm, None, "sdxl")[ldm[1]] == "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_out_0"
-    with pytest.raises(KeyError, match="not in the LDM->diffusers map"):
-        L.names_from_map(["output_blocks.3.1.proj_in"], l2d, "sd15")
-    with pytest.raises(L.LoraFormatError):
-        L.names_from_map(ldm, l2d, "flux")
 
 
 # ---------------------------------------------------------------------------------------------- peft
@@ -247,7 +274,7 @@ def test_peft_state_roundtrip_reproduces_output(inputs):
     torch.testing.assert_close(run(other, inputs), ref, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(ref, run(fresh_unet(SD15_CFG, base_sd), inputs), atol=1e-2)
     # a state that does not fit the model is refused with the offending names
-    stray = st.clone()
+    stray = L.LoraState.from_tensors(st.to_tensors())  # a copy
     stray.add("down_blocks.9.attentions.0.proj_in", L.LoraModule(torch.zeros(4, 8), torch.zeros(8, 4), 2.0))
     with pytest.raises(L.LoraFormatError, match="down_blocks.9"):
         L.load_state_into_peft(other, stray)
@@ -433,7 +460,7 @@ def test_kohya_export_loads_in_diffusers_pipeline(tmp_path, inputs, diffusers_wa
     L.load_state_into_peft(unet, st16)
     torch.testing.assert_close(out, run(unet, inputs), atol=1e-5, rtol=1e-5)
     if alpha != 4.0:  # the scale is alpha/r = 0.5, not 1: a wrong alpha would be visible
-        wrong = st16.clone()
+        wrong = L.LoraState.from_tensors(st16.to_tensors())  # a copy
         for _, m in wrong.items():
             m.alpha = 4.0
         L.load_state_into_peft(unet, wrong)

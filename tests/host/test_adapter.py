@@ -82,7 +82,7 @@ def test_round_generate_train_resume(pack, dirs, kind):
     ups = [v for k, v in st["lora"].items() if k.endswith(".up")]
     assert ups and max(float(u.abs().max()) for u in ups) > 0, "the PPO step changed the LoRA"
     assert r.metrics["policy_backward_passes"] > 0
-    assert s.info["lora_layout"]["family"] == kind
+    assert s.load_lora().family == kind  # the session's LoRA carries its family
     # the trained model is a plain-patch clone: differs from the base in a KSampler
     assert not torch.equal(ksample(r.model, kind), ksample(mp, kind))
     # round 1 is generated from the feedback-guided noise with the new LoRA
@@ -103,11 +103,11 @@ def test_gradients_reach_only_lora(pack, comfy, kind):
     assert len(names) > 0 and all(n.endswith(host.TARGET_SUFFIXES) for n in names)
     tensors = host.initial_lora(mp, names, 4, 4.0, 0)
     for n in names:  # non-zero up so every LoRA tensor gets a gradient
-        tensors[f"{n}.up"] = torch.randn_like(tensors[f"{n}.up"]) * 0.01
+        tensors[n].up = torch.randn_like(tensors[n].up) * 0.01
     pos, neg = make_conds(kind)
     with torch.inference_mode():  # as inside a node
         with torch.inference_mode(False), torch.enable_grad():
-            tr, params = host.attach_lora(mp, tensors, names, trainable=True, copy_others=True)
+            tr, params = host.attach_lora(mp, tensors, trainable=True, copy_others=True)
             g = comfy.samplers.CFGGuider(tr)
             g.set_conds(pos, neg)
             g.set_cfg(4.0)
@@ -168,6 +168,31 @@ def test_lora_loaded_before_hero_still_applies(pack, dirs, kind):
     # and training on top of it works
     s = new_session(pack, dirs["output"], "lora2")
     assert mark_and_train(pack, mp2, s, gen(pack, mp2, kind, s)).trained
+
+
+def test_names_from_map_comfy_style(pack):
+    L = pack.lora
+    M = __import__("support.pack_import", fromlist=["x"]).import_pack_module("nodes.host_models")
+    # what comfy.utils.unet_to_diffusers returns: diffusers param key -> LDM param key
+    d2l = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",
+    }
+    l2d = M.invert_unet_to_diffusers(d2l)
+    assert l2d["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"] == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    ldm = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+           "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"]
+    assert list(M.names_from_map(ldm, l2d, "sd15").values()) == [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"]
+    # the raw .weight map works too; SDXL uses the LDM name and needs no map
+    assert M.names_from_map(ldm[:1], {v: k for k, v in d2l.items()}, "sd15")[ldm[0]].endswith("attn1_to_q")
+    assert M.names_from_map(ldm, None, "sdxl")[ldm[1]] == "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_out_0"
+    with pytest.raises(KeyError, match="not in the LDM->diffusers map"):
+        M.names_from_map(["output_blocks.3.1.proj_in"], l2d, "sd15")
+    with pytest.raises(L.LoraFormatError):
+        M.names_from_map(ldm, l2d, "flux")
 
 
 class _Collect(logging.Handler):
@@ -430,7 +455,7 @@ def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
             plan = loop.prepare_learning(s, device="cpu")
             traj = plan.trajectory
             n, T = traj.log_probs.shape
-            tr, _ = host.attach_lora(mp, host.session_lora(s, mp, names), names, trainable=True,
+            tr, _ = host.attach_lora(mp, host.session_lora(s, mp, names), trainable=True,
                                      copy_others=True)
             g = comfy.samplers.CFGGuider(tr)
             g.set_conds(b.positive, b.negative)
