@@ -19,6 +19,7 @@ model family (the embedded toy, ``hero_engine.toy``) adds itself with ``register
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from .fileio import PUBLIC_MODE, atomic_write_bytes
 
 __all__ = [
     "FAMILIES",
+    "data_sha256",
+    "safetensors_hashes",
     "DEFAULT_TARGETS",
     "LoraFormatError",
     "LoraModule",
@@ -88,6 +91,26 @@ def register_family(name: str, base_model_version: str, architecture: str,
 def families() -> tuple:
     """Every family a LoraState may have: SD1.5, SDXL and the registered ones."""
     return tuple(_FAMILY_META)
+
+
+def data_sha256(blob: bytes) -> str:
+    """SHA-256 (hex) of a safetensors file's tensor data: everything after the 8-byte header
+    length and the JSON header. Editing the metadata does not change it."""
+    n = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + n:]).hexdigest()
+
+
+def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                       ) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya sd-scripts precomputes them: the file is
+    serialised with only the ``ss_*`` metadata (the training metadata, meant to stay fixed),
+    then model hash = SHA-256 of the bytes after the header, legacy hash = SHA-256 of the
+    0x10000 bytes at offset 0x100000, first 8 hex digits."""
+    from safetensors.torch import save as st_save
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = st_save(dict(tensors), ss)
+    legacy = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+    return data_sha256(blob), legacy
 
 
 class LoraFormatError(ValueError):
@@ -653,7 +676,6 @@ def export_kohya(state: LoraState, path: str | os.PathLike, metadata: Mapping | 
         tensors[f"{k}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     md = kohya_metadata(state, metadata, title=title)
-    from .publish import safetensors_hashes
     for k in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         md.pop(k, None)  # never a caller's stale value
     model_hash, legacy_hash = safetensors_hashes(tensors, md)

@@ -19,7 +19,6 @@ No ComfyUI imports: the ComfyUI nodes (``nodes/host.py``) and the toy demo call 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
@@ -27,11 +26,12 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from .fileio import PUBLIC_MODE, atomic_write_bytes
+from .lora import data_sha256, safetensors_hashes  # the kohya file's own hashes
 
 __all__ = ["safetensors_hashes", "data_sha256", "thumbnail_data_url", "split_tags", "tag_frequency",
            "a1111_user_metadata", "session_card", "session_prompts", "preference_pairs",
@@ -40,26 +40,6 @@ __all__ = ["safetensors_hashes", "data_sha256", "thumbnail_data_url", "split_tag
 
 
 # ---- hashes -------------------------------------------------------------------------------------
-
-def data_sha256(blob: bytes) -> str:
-    """SHA-256 (hex) of a safetensors file's tensor data: everything after the 8-byte header
-    length and the JSON header. Editing the metadata does not change it."""
-    n = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + n:]).hexdigest()
-
-
-def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-                       ) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as kohya sd-scripts precomputes them: the file is
-    serialised with only the ``ss_*`` metadata (the training metadata, meant to stay fixed),
-    then model hash = SHA-256 of the bytes after the header, legacy hash = SHA-256 of the
-    0x10000 bytes at offset 0x100000, first 8 hex digits."""
-    from safetensors.torch import save as st_save
-    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = st_save(dict(tensors), ss)
-    legacy = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
-    return data_sha256(blob), legacy
-
 
 # ---- thumbnail, tags, sidecar -------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..hero_engine.drawing import metrics_plot
