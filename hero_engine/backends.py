@@ -120,19 +120,41 @@ class DiffusersBackend:
         cond = self._cond if prompts is None else self.encode_prompts(prompts).to(self.device)
         return cfg_denoiser(self.unet, cond, self._uncond, self.cfg if cfg is None else cfg)
 
+    @contextlib.contextmanager
+    def merged_lora(self):
+        """Sampling without gradients with the LoRA folded into the weights, W' = W + (alpha/r) B A
+        (peft's ``merge``): one matmul a layer instead of three, about 15% faster on the toy.
+        The base weights are copied back exactly afterwards: peft's ``unmerge`` subtracts the
+        delta again, which leaves rounding drift in W. Not for the generation whose log-probs
+        the PPO update recomputes unmerged: the ratio would start off 1 by rounding."""
+        from peft.tuners.lora import LoraLayer
+        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer) and not m.merged]
+        saved = [(m, m.get_base_layer().weight.detach().clone()) for m in layers]
+        try:
+            for m in layers:
+                m.merge()
+            yield
+        finally:
+            for m, w in saved:
+                if m.merged:
+                    m.unmerge()   # peft's bookkeeping (merged_adapters); W is restored below
+                m.get_base_layer().weight.data.copy_(w)
+
     @torch.no_grad()
     def sample_fresh(self, n: int, steps: int, seed: int, eta: float = 1.0,
                      prompts: Optional[list[str]] = None, micro_batch: int = 64,
                      x_T: Optional[Tensor] = None) -> Tensor:
         """Images from fresh N(0, I) noise (no feedback guidance): the evaluation protocol.
-        ``x_T`` replaces the fresh noise (e.g. a session's guided noise)."""
+        ``x_T`` replaces the fresh noise (e.g. a session's guided noise). The LoRA is merged
+        for the duration (``merged_lora``)."""
         g = torch.Generator().manual_seed(seed)
         x = torch.randn((n, *self.latent_shape), generator=g) if x_T is None else x_T.float()
         den = self.denoiser(prompts)
         out = []
-        for s in range(0, n, micro_batch):
-            idx = torch.arange(s, min(n, s + micro_batch))
-            tr = sample_with_logprob(den, x[idx].to(self.device), self.schedule(steps), eta,
-                                     generator=g, index=idx.to(self.device) % len(self._cond))
-            out.append(self.decode(tr.x0).float().clamp(0, 1).cpu())
+        with self.merged_lora():
+            for s in range(0, n, micro_batch):
+                idx = torch.arange(s, min(n, s + micro_batch))
+                tr = sample_with_logprob(den, x[idx].to(self.device), self.schedule(steps), eta,
+                                         generator=g, index=idx.to(self.device) % len(self._cond))
+                out.append(self.decode(tr.x0).float().clamp(0, 1).cpu())
         return torch.cat(out)

@@ -459,9 +459,13 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     (returns the marks and the new best's score, if known), learn, commit. ``inspect(plan)`` sees
     the round's plan after the update (the benchmark checks the extra samples' labels)."""
     t0 = time.time()
-    batch = generate_round(session, backend.denoiser(), backend.decode,
-                           backend.schedule(session.config.steps), backend.latent_shape,
-                           backend.prompts, device=backend.device, progress=progress)
+    # an update that recomputes no log-probs ("rwr" trains on the images) may sample with the
+    # LoRA merged into the weights (faster); PPO and D3PO must sample as they recompute
+    merged = getattr(backend, "merged_lora", None)
+    with (merged() if merged and session.config.update == "rwr" else contextlib.nullcontext()):
+        batch = generate_round(session, backend.denoiser(), backend.decode,
+                               backend.schedule(session.config.steps), backend.latent_shape,
+                               backend.prompts, device=backend.device, progress=progress)
     marks, best_score = query(batch)
     session.record_marks(batch.round, marks)
     t1 = time.time()

@@ -147,3 +147,51 @@ def test_bad_inputs():
         DDIMSchedule.from_alphas_cumprod(sd_scheduler().alphas_cumprod, 0)
     with pytest.raises(ValueError, match="increase"):
         DDIMSchedule([5, 1], [0.9, 0.5, 0.99])
+
+
+def _backend_with_trained_lora():
+    from tiny import tiny_backend
+    be = tiny_backend()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in be.lora_parameters().items():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return be
+
+
+def test_merged_lora_samples_as_unmerged_and_restores_every_weight_exactly():
+    """Evaluation samples with the LoRA folded into W (faster); the images match the unmerged
+    LoRA's to rounding, and afterwards every weight is bit-identical to before."""
+    from peft.tuners.lora import LoraLayer
+    be = _backend_with_trained_lora()
+    before = {n: p.detach().clone() for n, p in be.unet.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    x_T = torch.randn((5, *be.latent_shape), generator=g)
+    sched = be.schedule(4)
+    unmerged = be.decode(sample_with_logprob(be.denoiser(), x_T, sched, 1.0,
+                                             generator=torch.Generator().manual_seed(3)).x0)
+    # the same draws as sample_fresh(x_T=..., seed=3) makes
+    merged = be.sample_fresh(5, 4, seed=3, x_T=x_T)
+    assert (merged - unmerged.clamp(0, 1)).abs().max() < 1e-4
+    # the LoRA did change the images (the test would pass trivially with B = 0)
+    be2 = _backend_with_trained_lora()
+    with torch.no_grad():
+        for name, p in be2.lora_parameters().items():
+            if "lora_B" in name:
+                p.zero_()
+    assert (be2.sample_fresh(5, 4, seed=3, x_T=x_T) - merged).abs().max() > 1e-3
+    for n, p in be.unet.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not any(m.merged for m in be.unet.modules() if isinstance(m, LoraLayer))
+
+
+def test_merged_lora_restores_the_weights_when_sampling_fails():
+    be = _backend_with_trained_lora()
+    before = {n: p.detach().clone() for n, p in be.unet.named_parameters()}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with be.merged_lora():
+            assert any(not torch.equal(p, before[n]) for n, p in be.unet.named_parameters())
+            raise RuntimeError("interrupted")
+    for n, p in be.unet.named_parameters():
+        assert torch.equal(p, before[n]), n
