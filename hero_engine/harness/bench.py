@@ -366,7 +366,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     ap.add_argument("--budget", type=int, default=512, help="marks per session")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--eval-n", type=int, default=BENCH_EVAL_N)
+    ap.add_argument("--eval-n", type=int, default=BENCH_EVAL_N,
+                    help=f"fresh samples for the base and the final evaluation (default "
+                         f"{BENCH_EVAL_N})")
+    ap.add_argument("--eval-n-mid", type=int, default=None,
+                    help="fresh samples for the evaluations between the first and the last "
+                         "(default --eval-n; the same draws for every method and seed)")
     ap.add_argument("--steps", type=int, default=BENCH_STEPS,
                     help=f"DDIM steps for training and evaluation (default {BENCH_STEPS})")
     ap.add_argument("--ppo-timesteps", type=int, default=BENCH_PPO_TIMESTEPS,
@@ -454,6 +459,7 @@ def main(argv: list[str]) -> int:
         lr = {"d3po": a.d3po_lr, "rwr": a.rwr_lr}.get(update, a.lr)
         return ExperimentSpec(task=task, method=method, label=label, rounds=rounds,
                               batch_size=a.batch_size, seed=seed, eval_n=a.eval_n,
+                              eval_n_mid=a.eval_n_mid,
                               steps=a.steps, lr=lr,
                               ppo_timesteps=a.ppo_timesteps, ppo_batch=BENCH_PPO_BATCH,
                               encoder_epochs=a.encoder_epochs, encoder_lr=BENCH_ENCODER_LR,
@@ -466,7 +472,7 @@ def main(argv: list[str]) -> int:
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
     results = run_all(specs, out / "runs", device, workers, a.threads, a.keep_sessions)
-    meta = {"seeds": len(seeds), "eval_n": a.eval_n, "batch_size": a.batch_size,
+    meta = {"seeds": len(seeds), "eval_n": a.eval_n, "eval_n_mid": a.eval_n_mid, "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
             "encoder_epochs": a.encoder_epochs, "flip_rates": flips,
             "fresh_ratio": a.fresh_ratio,

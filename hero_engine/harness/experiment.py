@@ -176,6 +176,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     if sess_dir.exists():
         import shutil
         shutil.rmtree(sess_dir)
+    t_start, cpu_start, eval_seconds = time.time(), time.process_time(), [0.0]
     session = Session.create(sess_dir, toy_config(spec, steps, be.cfg), info={"task": spec.task, "prompt": prompt})
     ev = SimulatedEvaluator(score_fn, threshold, flip_rate=spec.flip_rate, seed=spec.seed)
 
@@ -183,6 +184,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         t = time.time()
         r = evaluate(be, score_fn, threshold, n, steps, spec.eval_seed, prompt)
         r["seconds"] = time.time() - t
+        eval_seconds[0] += r["seconds"]
         return r
 
     # The LoRA starts at zero (B = 0), so every method and seed of a task starts from the same
@@ -193,7 +195,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         _BASE_EVALS[base_key] = measure("before", spec.eval_n)
     first = _BASE_EVALS[base_key]
     curve = [{"labels": 0, "round": 0, "success": first["success"], "good_rate": None,
-              "diversity": first["diversity"]}]
+              "diversity": first["diversity"], "eval_n": spec.eval_n}]
     log(f"[{spec.task}/{spec.method}/s{spec.seed}] base success {first['success']:.3f} "
         f"on {spec.eval_n} fresh samples")
     if save_grids:
@@ -235,8 +237,9 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                  "clipfrac": m.get("policy_clipfrac"),
                  "extra_label_accuracy": m.get("extra_label_accuracy")}
         if do_eval:
-            last = measure(f"round {r}", spec.eval_n if final else (spec.eval_n_mid or spec.eval_n))
-            point.update(success=last["success"], diversity=last["diversity"])
+            n = spec.eval_n if final else (spec.eval_n_mid or spec.eval_n)
+            last = measure(f"round {r}", n)
+            point.update(success=last["success"], diversity=last["diversity"], eval_n=n)
         curve.append(point)
         succ = "" if point["success"] is None else f"success {point['success']:.3f}  "
         log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
@@ -256,7 +259,11 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "cfg": be.cfg, "curve": curve, "success_before": first["success"],
               "success_after": last["success"], "marks": session.labels_used,
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
-              "session": str(sess_dir)}
+              "session": str(sess_dir),
+              # the session's cost: wall time, and this process's CPU time (what a core spent on
+              # it, whatever else ran beside it), of which the fresh-sample evaluations
+              "seconds": time.time() - t_start, "cpu_seconds": time.process_time() - cpu_start,
+              "eval_seconds": eval_seconds[0]}
     if export:
         from ..lora import export_kohya
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"

@@ -157,7 +157,7 @@ def test_bench_end_to_end_two_workers(tmp_path):
 def test_bench_custom_evaluator(tmp_path):
     """A new task needs only an importable scoring function, a threshold and a prompt."""
     out, data, _ = _bench(tmp_path, "--methods", "ddpo-binary", "--workers", "1",
-                          "--keep-sessions", "--flip-rates", "0.25",
+                          "--keep-sessions", "--flip-rates", "0.25", "--eval-n-mid", "4",
                           "--evaluator", "hero_engine.toy.tasks:score_colour",
                           "--threshold", "0.5", "--prompt", "a square")
     (run,) = data["runs"]
@@ -166,6 +166,10 @@ def test_bench_custom_evaluator(tmp_path):
     md = (out / "bench.md").read_text()
     assert "| custom | ddpo-binary |" in md and "Simulated person: flips 25%" in md
     assert run["flip_rate"] == 0.25 and run["curve"][0]["session_success"] is not None
+    # --eval-n-mid: the base and the final evaluation on --eval-n samples, those between on fewer
+    assert [p["eval_n"] for p in run["curve"]] == [8, 4, 8] and data["meta"]["eval_n_mid"] == 4
+    # each session's cost is recorded: wall time, this process's CPU time, the evaluations' share
+    assert 0 < run["eval_seconds"] < run["seconds"] and run["cpu_seconds"] > 0
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
