@@ -43,7 +43,6 @@ __all__ = [
     "kohya_prefix",
     "decode_kohya_prefix",
     "diffusers_to_ldm",
-    "ldm_to_diffusers",
     "kohya_name",
     "ldm_naming",
     "register_family",
@@ -405,24 +404,6 @@ def diffusers_to_ldm(name: str, layers_per_block: int = 2) -> str:
     raise ValueError(f"no LDM name for diffusers module {name!r} (only attention blocks are mapped)")
 
 
-def ldm_to_diffusers(name: str, layers_per_block: int = 2) -> str:
-    """Inverse of ``diffusers_to_ldm`` (attention subtrees only)."""
-    m = _LDM_ATTN.match(name)
-    if m:
-        kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "input_blocks":
-            if i < 1:
-                raise ValueError(f"no diffusers name for LDM module {name!r}")
-            b, a = divmod(i - 1, layers_per_block + 1)
-            return f"down_blocks.{b}.attentions.{a}.{rest}"
-        b, a = divmod(i, layers_per_block + 1)
-        return f"up_blocks.{b}.attentions.{a}.{rest}"
-    m = _LDM_MID.match(name)
-    if m:
-        return f"mid_block.attentions.0.{m.group(1)}"
-    raise ValueError(f"no diffusers name for LDM module {name!r} (only attention blocks are mapped)")
-
-
 def kohya_name(diffusers_name: str, family: str, layers_per_block: int = 2) -> str:
     """Kohya prefix of a diffusers module name in the family's native naming
     (sd15: diffusers name; sdxl: LDM/SGM name)."""
@@ -648,7 +629,7 @@ def export_kohya(state: LoraState, path: str | os.PathLike, metadata: Mapping | 
     """Write ``state`` as a kohya LoRA safetensors file (atomic) and return the metadata written.
 
     The file gets ``sshs_model_hash`` / ``sshs_legacy_hash`` (computed as kohya sd-scripts does,
-    ``hero_engine.publish.safetensors_hashes``) and ``modelspec.hash_sha256`` (``0x`` + the
+    ``safetensors_hashes`` above) and ``modelspec.hash_sha256`` (``0x`` + the
     SHA-256 of the tensor data, which metadata edits leave unchanged), and normal permissions
     (``mode & ~umask``, 0644 under umask 022; ``mode=None``: private 0600).
 

@@ -2,7 +2,7 @@
 
 No ComfyUI imports: the ComfyUI nodes (``nodes/host.py``) and the toy demo call these.
 
-- :func:`safetensors_hashes`: ``sshs_model_hash`` / ``sshs_legacy_hash`` exactly as kohya
+- ``lora.safetensors_hashes`` (written by the kohya export itself): ``sshs_model_hash`` / ``sshs_legacy_hash`` exactly as kohya
   sd-scripts' ``precalculate_safetensors_hashes`` computes them (``library/train_util.py``:
   serialise the tensors with only the ``ss_*`` metadata; the model hash is the SHA-256 of
   everything after the header, the legacy hash the first 8 hex digits of the SHA-256 of the
@@ -31,9 +31,8 @@ from typing import Iterable, Optional
 import torch
 
 from .fileio import PUBLIC_MODE, atomic_write_bytes
-from .lora import data_sha256, safetensors_hashes  # the kohya file's own hashes
 
-__all__ = ["safetensors_hashes", "data_sha256", "thumbnail_data_url", "split_tags", "tag_frequency",
+__all__ = ["thumbnail_data_url", "split_tags", "tag_frequency",
            "a1111_user_metadata", "session_card", "session_prompts", "preference_pairs",
            "export_preferences", "guided_noises", "export_noise_latent", "NOISE_SIGMA_MAX",
            "LATENT_SCALE"]

@@ -44,10 +44,8 @@ from ..hero_engine.lora import export_kohya
 from ..hero_engine.policy import PolicyOptimizer
 from ..hero_engine.sampling import DDIMSchedule
 from ..hero_engine.session import Session, SessionError
-from .host_lora import (LoraWeightWrapper, attach_lora, initial_lora, kohya_tensors,
-                        patched_model, session_lora, trained_lora)
-from .host_models import (DM, TARGET_SUFFIXES, HeroHostError, _module, check_vae, kohya_names,
-                          lora_targets, model_family)
+from .host_lora import attach_lora, patched_model, session_lora, trained_lora
+from .host_models import HeroHostError, check_vae, lora_targets, model_family
 from .host_sampler import (_clone_conds, _progress, _sampler_base, gradient_checkpointing,
                            make_denoiser, release_other_models)
 
@@ -55,14 +53,11 @@ log = logging.getLogger("HERO")
 
 GENERATE_MICRO_BATCH = 8
 
-__all__ = [  # the node operations, and the adapter's parts that tests and benchmarks reach here
-    "HeroHostError", "NothingToExport", "HeroBatch", "TrainResult", "generate", "train",
-    "apply_lora", "export_lora", "export_preferences", "export_noise", "check_export_args",
-    "export_path", "model_family", "lora_targets", "kohya_names", "check_vae", "initial_lora",
-    "session_lora", "attach_lora", "patched_model", "kohya_tensors", "LoraWeightWrapper",
-    "make_denoiser", "release_other_models", "gradient_checkpointing", "DM", "TARGET_SUFFIXES",
-    "trained_lora",
-    "GENERATE_MICRO_BATCH", "_module", "_clone_conds", "_sampler_base"]
+# the node operations; the adapter's parts live in host_models (model checks), host_lora (the LoRA
+# weight wrappers) and host_sampler (the sampler bridge)
+__all__ = ["HeroHostError", "NothingToExport", "HeroBatch", "TrainResult", "generate", "train",
+           "apply_lora", "export_lora", "export_preferences", "export_noise",
+           "check_export_args", "export_path", "GENERATE_MICRO_BATCH"]
 
 
 @dataclass

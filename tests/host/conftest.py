@@ -63,6 +63,9 @@ def pack(comfy):
     from support.pack_import import import_pack_module
     from types import SimpleNamespace
     return SimpleNamespace(host=import_pack_module("nodes.host"),
+                           host_models=import_pack_module("nodes.host_models"),
+                           host_lora=import_pack_module("nodes.host_lora"),
+                           host_sampler=import_pack_module("nodes.host_sampler"),
                            nodes=import_pack_module("nodes.nodes"),
                            engine_session=import_pack_module("hero_engine.session"),
                            feedback=import_pack_module("hero_engine.feedback"),

@@ -97,17 +97,16 @@ def test_round_generate_train_resume(pack, dirs, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_reach_only_lora(pack, comfy, kind):
     import comfy.samplers
-    host = pack.host
     mp = make_model(kind)
-    names = host.lora_targets(mp)
-    assert len(names) > 0 and all(n.endswith(host.TARGET_SUFFIXES) for n in names)
-    tensors = host.initial_lora(mp, names, 4, 4.0, 0)
+    names = pack.host_models.lora_targets(mp)
+    assert len(names) > 0 and all(n.endswith(pack.host_models.TARGET_SUFFIXES) for n in names)
+    tensors = pack.host_lora.initial_lora(mp, names, 4, 4.0, 0)
     for n in names:  # non-zero up so every LoRA tensor gets a gradient
         tensors[n].up = torch.randn_like(tensors[n].up) * 0.01
     pos, neg = make_conds(kind)
     with torch.inference_mode():  # as inside a node
         with torch.inference_mode(False), torch.enable_grad():
-            tr, params = host.attach_lora(mp, tensors, trainable=True, copy_others=True)
+            tr, params = pack.host_lora.attach_lora(mp, tensors, trainable=True, copy_others=True)
             g = comfy.samplers.CFGGuider(tr)
             g.set_conds(pos, neg)
             g.set_cfg(4.0)
@@ -115,14 +114,14 @@ def test_gradients_reach_only_lora(pack, comfy, kind):
                                                   "ddim_uniform", 3)
 
             def run(model_wrap, extra_args, noise):
-                model_wrap.conds = host._clone_conds(model_wrap.conds)
-                den = host.make_denoiser(model_wrap, extra_args)
+                model_wrap.conds = pack.host_sampler._clone_conds(model_wrap.conds)
+                den = pack.host_sampler.make_denoiser(model_wrap, extra_args)
                 x = torch.randn(2, 4, 8, 8)
                 eps = den(x, torch.tensor([500, 200]), torch.tensor([0.3, 0.7]), torch.arange(2))
                 eps.pow(2).mean().backward()
                 return noise
             noise = torch.zeros(2, 4, 8, 8)
-            g.sample(noise, noise.clone(), host._sampler_base()(run), sig, seed=0)
+            g.sample(noise, noise.clone(), pack.host_sampler._sampler_base()(run), sig, seed=0)
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params.values())
     base = list(mp.model.parameters())
     leaked = [n for n, p in mp.model.named_parameters() if p.grad is not None]
@@ -143,13 +142,12 @@ def test_cached_model_untouched(pack, dirs, kind):
 
 
 def random_kohya_lora(pack, mp, kind, scale=0.5):
-    host = pack.host
-    names = host.lora_targets(mp)
-    kohya = host.kohya_names(mp, kind, names)
+    names = pack.host_models.lora_targets(mp)
+    kohya = pack.host_models.kohya_names(mp, kind, names)
     g = torch.Generator().manual_seed(5)
     sd = {}
     for n in names[: len(names) // 2]:
-        w = host._module(mp, n).weight
+        w = pack.host_models._module(mp, n).weight
         sd[f"{kohya[n]}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * scale
         sd[f"{kohya[n]}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * scale
         sd[f"{kohya[n]}.alpha"] = torch.tensor(2.0)
@@ -226,7 +224,7 @@ def test_export_round_trip(pack, dirs, kind):
     prefix = "lora_unet_input_blocks_" if kind == "sdxl" else "lora_unet_down_blocks_"
     assert any(k.startswith(prefix) for k in keys)
     assert all(k.startswith("lora_unet_") for k in keys)
-    names = pack.host.lora_targets(mp)
+    names = pack.host_models.lora_targets(mp)
     h = _Collect()
     logging.getLogger().addHandler(h)
     try:
@@ -256,7 +254,7 @@ def test_bad_inputs(pack, dirs, comfy):
     host = pack.host
     vp = make_model("sd15", model_type=comfy.model_base.ModelType.V_PREDICTION)
     with pytest.raises(host.HeroHostError, match="V_PREDICTION.*not supported|v-prediction"):
-        host.model_family(vp)
+        pack.host_models.model_family(vp)
     mp = make_model("sd15")
     s = new_session(pack, dirs["output"])
     pos, neg = make_conds("sd15")
@@ -448,14 +446,13 @@ def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
     assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith(".up")) > 0
     b = gen(pack, mp, "sd15", s)      # round 1, with the trained LoRA merged
     s.record_marks(1, pack.feedback.Marks([0, 1], [2, 3], 0))
-    host = pack.host
-    names = host.lora_targets(mp, s)
+    names = pack.host_models.lora_targets(mp, s)
     with torch.inference_mode():
         with torch.inference_mode(False), torch.enable_grad():
             plan = loop.prepare_learning(s, device="cpu")
             traj = plan.trajectory
             n, T = traj.log_probs.shape
-            tr, _ = host.attach_lora(mp, host.session_lora(s, mp, names), trainable=True,
+            tr, _ = pack.host_lora.attach_lora(mp, pack.host_lora.session_lora(s, mp, names), trainable=True,
                                      copy_others=True)
             g = comfy.samplers.CFGGuider(tr)
             g.set_conds(b.positive, b.negative)
@@ -465,8 +462,8 @@ def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
             worst = []
 
             def run(model_wrap, extra_args, noise):
-                model_wrap.conds = host._clone_conds(model_wrap.conds)
-                den = host.make_denoiser(model_wrap, dict(extra_args))
+                model_wrap.conds = pack.host_sampler._clone_conds(model_wrap.conds)
+                den = pack.host_sampler.make_denoiser(model_wrap, dict(extra_args))
                 with torch.no_grad():
                     for t in range(T):
                         lp = sampling.trajectory_log_prob(den, traj, torch.arange(n),
@@ -474,5 +471,5 @@ def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
                         worst.append(float((lp - traj.log_probs[:, t]).abs().max()))
                 return noise
             noise = torch.zeros(n, 4, 8, 8)
-            g.sample(noise, noise.clone(), host._sampler_base()(run), sig, seed=0)
+            g.sample(noise, noise.clone(), pack.host_sampler._sampler_base()(run), sig, seed=0)
     assert len(worst) == T and max(worst) < 1e-5, worst

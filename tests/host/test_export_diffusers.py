@@ -97,7 +97,7 @@ def test_exported_lora_loads_in_diffusers_sd15(pack, dirs, comfy):
     path = res["path"]
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
-    n_modules = len(pack.host.lora_targets(mp))
+    n_modules = len(pack.host_models.lora_targets(mp))
     assert res["modules"] == n_modules and len(keys) == 3 * n_modules
 
     unet = diffusers_unet_like(mp)
