@@ -57,7 +57,7 @@ class DiffusersBackend:
         self.alpha = float(alpha)
         self.device = torch.device(device)
         lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed, targets=targets)
-        self._initial = self.lora_state()
+        self._initial = self.lora_tensors()
         with torch.no_grad():
             self._cond = encode_prompts(self.prompts).to(self.device)
             self._uncond = encode_prompts([""]).to(self.device)
@@ -70,16 +70,16 @@ class DiffusersBackend:
         """The LoRA on the UNet now (module names = diffusers names, the family's kohya names)."""
         return lora_mod.state_from_peft(self.unet, family=self.family)
 
-    def lora_state(self) -> dict[str, Tensor]:
+    def lora_tensors(self) -> dict[str, Tensor]:
         """The LoRA now in the form the session stores (``LoraState.to_tensors()``)."""
         return self.lora().to_tensors()
 
-    def load_lora_state(self, state: Optional[dict[str, Tensor]]) -> None:
+    def load_lora_tensors(self, tensors: Optional[dict[str, Tensor]]) -> None:
         """Load a session's stored LoRA (``None``: back to the initial LoRA, B = 0); sessions
         from older versions, which stored the peft parameters, are read too."""
-        state = self._initial if state is None else state
+        tensors = self._initial if tensors is None else tensors
         try:
-            lora = lora_mod.read_session_lora(state, family=self.family, alpha=self.alpha)
+            lora = lora_mod.read_session_lora(tensors, family=self.family, alpha=self.alpha)
             lora_mod.load_state_into_peft(self.unet, lora)
         except lora_mod.LoraFormatError as e:
             raise ValueError(f"the session's LoRA does not fit this model (different rank or "
@@ -87,7 +87,7 @@ class DiffusersBackend:
                              f"with ({e})") from None
 
     def load_session(self, session: Session) -> None:
-        self.load_lora_state(session.load_state(("lora",)).get("lora"))
+        self.load_lora_tensors(session.load_state(("lora",)).get("lora"))
 
     def policy_optimizer(self, session: Session) -> PolicyOptimizer:
         popt = PolicyOptimizer(self.lora_parameters(), session.config.policy)

@@ -435,11 +435,11 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
     return m
 
 
-def complete_round(session: Session, plan: LearnPlan, lora_state: "LoraState | dict",
+def complete_round(session: Session, plan: LearnPlan, lora: "LoraState | dict",
                    popt: PolicyOptimizer, extra_metrics: Optional[dict] = None) -> dict:
     """Step 7-8: commit LoRA (a LoraState or its ``to_tensors()`` form), optimizers, encoder,
     best record and noise pool atomically."""
-    state = {"lora": session_tensors(lora_state),
+    state = {"lora": session_tensors(lora),
              "policy_opt": popt.state_dict(),
              "best": {"feature": plan.best_feature.cpu(), "noise": plan.best_noise.cpu()},
              "pool": plan.pool.cpu()}
@@ -477,5 +477,5 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
                             conditional=backend.denoiser(cfg=1.0))
     if inspect is not None:
         inspect(plan)
-    return complete_round(session, plan, backend.lora_state(), popt,
+    return complete_round(session, plan, backend.lora_tensors(), popt,
                           {"generate_seconds": t1 - t0, "round_seconds": time.time() - t0})

@@ -51,7 +51,7 @@ elif mode == "in-commit":
             flag.write_text("COMMITTING")
             time.sleep(600)
     session_mod.atomic_torch_save = slow
-    loop.complete_round(s, plan, be.lora_state(), popt)
+    loop.complete_round(s, plan, be.lora_tensors(), popt)
 elif mode == "in-export":
     def write(st, s_):
         out = path.parent / "exp.bin"

@@ -44,5 +44,5 @@ if mode == "kill-in-training":
     loop.apply_policy_update(session, plan, slow(den), popt, conditional=slow(cond))
     raise SystemExit("should have been killed")
 loop.apply_policy_update(session, plan, den, popt, conditional=cond)
-loop.complete_round(session, plan, be.lora_state(), popt)
+loop.complete_round(session, plan, be.lora_tensors(), popt)
 print("done")

@@ -56,12 +56,12 @@ def test_a_non_finite_update_is_rejected_and_the_lora_kept():
     be = tiny_backend()
     sched = be.schedule(4)
     popt = PolicyOptimizer(be.lora_parameters(), PolicyConfig(lr=1e-3, train_batch_size=2))
-    before = be.lora_state()
+    before = be.lora_tensors()
     x0 = torch.full((2, 4, 8, 8), float("nan"))
     with pytest.raises(UpdateRejected, match="previous LoRA kept"):
         denoise_update(be.denoiser(cfg=1.0), x0, torch.ones(2), sched, popt,
                        torch.Generator().manual_seed(0), steps=2, samples_per_step=2)
-    after = be.lora_state()
+    after = be.lora_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="positive weight"):
         denoise_update(be.denoiser(cfg=1.0), torch.zeros((2, 4, 8, 8)), torch.zeros(2), sched,

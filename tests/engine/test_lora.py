@@ -198,10 +198,10 @@ def test_sessions_from_older_versions_still_open(tmp_path):
         for p in be.lora_parameters().values():
             p.add_(0.01)
     params = {n: p.detach().float().clone() for n, p in be.lora_parameters().items()}
-    now = be.lora_state()
+    now = be.lora_tensors()
     be2 = tiny_backend()
-    be2.load_lora_state(params)
-    again = be2.lora_state()
+    be2.load_lora_tensors(params)
+    again = be2.lora_tensors()
     assert list(again) == list(now) and all(torch.equal(now[k], again[k]) for k in now)
 
 

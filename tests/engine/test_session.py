@@ -23,7 +23,7 @@ def test_full_rounds_and_reopen(tmp_path):
     s = Session.create(tmp_path / "s1", tiny_config())
     be = tiny_backend()
     ev = evaluator()
-    before = be.lora_state()
+    before = be.lora_tensors()
     for _ in range(3):
         loop.run_round(s, be, query_fn(be, ev, s))
     assert s.round == 3 and s.labels_used == 18 and s.done
@@ -32,7 +32,7 @@ def test_full_rounds_and_reopen(tmp_path):
     for key in ("labels_used", "good_rate", "triplet_loss_first", "triplet_loss_last",
                 "reward_std", "policy_loss", "policy_optimizer_steps"):
         assert key in h
-    after = be.lora_state()
+    after = be.lora_tensors()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the LoRA moved
     # reopen: everything survives
     s2 = Session.open(tmp_path / "s1")
@@ -183,7 +183,7 @@ def test_next_batch_eta_from_the_last_round(tmp_path):
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
     loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
-    m = loop.complete_round(s, plan, be.lora_state(), popt)
+    m = loop.complete_round(s, plan, be.lora_tensors(), popt)
     eta = Session.open(s.path).next_batch_eta()
     assert eta["train_seconds"] == pytest.approx(m["train_seconds"], abs=1e-3)
     assert m["train_seconds"] >= m["policy_seconds"] > 0

@@ -128,7 +128,7 @@ def test_concurrent_exports_and_summaries_during_20_commits(tmp_path):
     try:
         for r in range(rounds):
             loop.run_round(s, be, query)
-            digests[s.round] = lora_digest(be.lora_state())
+            digests[s.round] = lora_digest(be.lora_tensors())
             assert s.round == r + 1
             time.sleep(0.05)  # let the readers see every round
     finally:
@@ -434,10 +434,10 @@ def test_disk_full_during_generation_and_training(tmp_path, monkeypatch):
     loop.apply_policy_update(s, plan, be.denoiser(), popt)
     budget["left"] = 200_000
     with pytest.raises(OSError, match="No space left"):
-        loop.complete_round(s, plan, be.lora_state(), popt)
+        loop.complete_round(s, plan, be.lora_tensors(), popt)
     r = Session.open(s.path)
     assert r.round == 1 and r.state_dir.name == "state-0001" and r.marks_for(1) is not None
     assert not list(s.path.glob(".state-*")) and not list(s.path.rglob("*.tmp"))
     budget["left"] = 10 ** 12
-    loop.complete_round(s, plan, be.lora_state(), popt)
+    loop.complete_round(s, plan, be.lora_tensors(), popt)
     assert Session.open(s.path).round == 2

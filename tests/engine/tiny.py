@@ -73,5 +73,5 @@ def train_again(session):
     popt = be.policy_optimizer(session)
     loop.apply_policy_update(session, plan, be.denoiser(), popt,
                              conditional=be.denoiser(cfg=1.0))   # as run_round does
-    loop.complete_round(session, plan, be.lora_state(), popt)
+    loop.complete_round(session, plan, be.lora_tensors(), popt)
     return be
