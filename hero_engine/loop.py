@@ -182,8 +182,10 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
         best_feature, best_noise = st["best"]["feature"], st["best"]["noise"]
     pool = next_noise_pool(gen_data["noises"], list(marks.good), marks.best)
 
-    metrics = {"round": round_idx, "labels": marks.count,
-               "labels_used": session.labels_used + marks.count,
+    # "labels" (this round's marks) and "labels_used" (the marks so far) keep their old names:
+    # stored sessions' histories and the front end have them
+    metrics = {"round": round_idx, "labels": marks.num_marked,
+               "labels_used": session.marks_used + marks.num_marked,
                "good": len(marks.good), "good_rate": len(marks.good) / n,
                "best_changed": marks.best is not None, "method": config.method}
     encoder = None
@@ -447,7 +449,7 @@ def complete_round(session: Session, plan: LearnPlan, lora: "LoraState | dict",
         state["encoder"] = plan.encoder.state_dict()
     metrics = {**plan.metrics, **(extra_metrics or {}), "time": time.time(),
                "train_seconds": time.time() - plan.started}
-    session.complete_round(plan.round, state, metrics, plan.best, plan.marks.count)
+    session.complete_round(plan.round, state, metrics, plan.best, plan.marks.num_marked)
     session.record_timing(train_seconds=metrics["train_seconds"])
     return metrics
 

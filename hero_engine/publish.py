@@ -91,7 +91,7 @@ def _read_json(p: Path) -> Optional[dict]:
 
 
 def session_prompts(session) -> list[dict]:
-    """Per completed (marked) round: {round, prompt, negative, labels, seed, width, height}."""
+    """Per completed (marked) round: {round, prompt, negative, marks, seed, width, height}."""
     out = []
     for k in range(session.round + 1):
         d = session.round_dir(k)
@@ -102,7 +102,7 @@ def session_prompts(session) -> list[dict]:
         prompts = meta.get("prompts") or []
         prompt = meta.get("prompt_text") or (prompts[0] if prompts else "")
         out.append({"round": k, "prompt": prompt, "negative": meta.get("negative_text", ""),
-                    "labels": marks.count, "seed": meta.get("seed"), "width": meta.get("width"),
+                    "marks": marks.num_marked, "seed": meta.get("seed"), "width": meta.get("width"),
                     "height": meta.get("height"), "time": meta.get("time")})
     return out
 
@@ -138,7 +138,7 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
     sizes = Counter((r["width"], r["height"]) for r in rounds if r["width"] and r["height"])
     res = sizes.most_common(1)[0][0] if sizes else None
     trained = session.round
-    desc = (f"HERO online LoRA from {session.labels_used} human marks over {trained} round"
+    desc = (f"HERO online LoRA from {session.marks_used} human marks over {trained} round"
             f"{'s' if trained != 1 else ''} (session {session.session_id}, method {cfg.method}, "
             f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}).")
     if distinct:
@@ -149,12 +149,12 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
         "modelspec.author": author or "ComfyUI-HERO user",
         "modelspec.tags": ", ".join(["hero", "online-rlhf", "human-feedback", "lora", family]),
         "ss_sd_model_name": base_model or "",
-        "ss_num_train_images": str(session.labels_used),
+        "ss_num_train_images": str(session.marks_used),
         "ss_seed": str(cfg.seed),
-        "ss_tag_frequency": json.dumps(tag_frequency(((r["prompt"], r["labels"]) for r in rounds),
+        "ss_tag_frequency": json.dumps(tag_frequency(((r["prompt"], r["marks"]) for r in rounds),
                                                      dataset=f"hero_{session.session_id}")),
         "ss_dataset_dirs": json.dumps({f"hero_{session.session_id}": {
-            "n_repeats": 1, "img_count": session.labels_used}}),
+            "n_repeats": 1, "img_count": session.marks_used}}),
         "ss_num_epochs": str(trained),
     }
     started, finished = _created(session), _finished(session)
@@ -168,7 +168,7 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
     bp = session.best_image_path()
     if bp is not None and Path(bp).is_file():
         md["modelspec.thumbnail"] = thumbnail_data_url(bp)
-    notes = (f"Made with ComfyUI-HERO (HERO, arXiv 2410.05116): {session.labels_used} marks, "
+    notes = (f"Made with ComfyUI-HERO (HERO, arXiv 2410.05116): {session.marks_used} marks, "
              f"{trained} rounds, base model {base_model or 'unknown'}. No trigger word: use it "
              f"with the prompt it was trained on.")
     negs = [r["negative"] for r in rounds if r["negative"]]

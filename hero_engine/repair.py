@@ -123,6 +123,7 @@ def repair(path: str | Path, apply: bool = True) -> dict:
                 actions.append(f"go back to {c['dir']}: the state after round {c['round']} "
                                f"(round {c['round'] + 1} is trained again from its marks)")
             else:
+                # labels_used: the marks used (the key keeps its old name for stored sessions)
                 new.update(next_round=0, labels_used=0, best=None, state_dir=None,
                            prev_state_dir=None, history=[])
                 actions.append("no complete state left: learning restarts at round 0")

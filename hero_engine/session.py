@@ -2,7 +2,7 @@
 
 Layout (every file written atomically: temp file + fsync + rename)::
 
-    <dir>/session.json            format, id, config, next round, labels used, best record,
+    <dir>/session.json            format, id, config, next round, marks used, best record,
                                   state dir (+ the previous one), info (layout, last export)
     <dir>/session.init.json       session.json as created (repair rebuilds from it if needed)
     <dir>/.lock                   the session lock (flock): one writer of session.json at a time
@@ -151,7 +151,7 @@ class HeroConfig:
     lora_targets: str = "attention_ff"  # a key of LORA_TARGETS: the layers the LoRA trains
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
     reward_mode: str = "similarity-to-best"   # | similarity-to-all-positive
-    budget: int = 512               # feedback budget N_fb (labels)
+    budget: int = 512               # feedback budget N_fb (marks)
     max_rounds: int = 100
     seed: int = 0
     keep_trajectories: bool = False
@@ -280,6 +280,7 @@ def load_meta(path: Path) -> dict:
         raise SessionError(
             f"{f} has format version {meta['format_version']}, this ComfyUI-HERO reads version "
             f"{FORMAT_VERSION}; use a matching pack version or start a new session id")
+    # "labels_used" (the marks used) keeps its old name: stored sessions have it
     for key in ("session_id", "config", "next_round", "labels_used", "state_dir", "history"):
         if key not in meta:
             raise SessionDamaged(f"{f} is damaged (no '{key}')", f)
@@ -390,6 +391,7 @@ class Session:
         with FolderLock(path, LOCK_NAME):
             if (path / "session.json").exists():
                 raise SessionError(f"a session already exists at {path}; open it instead")
+            # "labels_used": the marks used (the key keeps its old name for stored sessions)
             meta = {"format_version": FORMAT_VERSION, "session_id": sid, "created": time.time(),
                     "config": config.to_json(), "next_round": 0, "labels_used": 0, "best": None,
                     "state_dir": None, "prev_state_dir": None, "info": info or {},
@@ -464,16 +466,18 @@ class Session:
         return self._meta["next_round"]
 
     @property
-    def labels_used(self) -> int:
+    def marks_used(self) -> int:
+        """Images marked so far (session.json's ``labels_used``: the key keeps its old name for
+        stored sessions)."""
         return self._meta["labels_used"]
 
     @property
     def budget_left(self) -> int:
-        return max(0, self.config.budget - self.labels_used)
+        return max(0, self.config.budget - self.marks_used)
 
     @property
     def done(self) -> bool:
-        return self.labels_used >= self.config.budget or self.round >= self.config.max_rounds
+        return self.marks_used >= self.config.budget or self.round >= self.config.max_rounds
 
     @property
     def best(self) -> Optional[BestRecord]:
@@ -715,7 +719,7 @@ class Session:
         return removed
 
     def complete_round(self, k: int, state: dict, metrics: dict, best: Optional[BestRecord],
-                       labels: int) -> None:
+                       num_marked: int) -> None:
         """Write the state after round k into a new folder, then flip the pointer atomically.
 
         Order (docs/session_store.md): under the commit lock, write the files into a temp folder
@@ -736,7 +740,8 @@ class Session:
                 with self._lock:
                     meta = self._check_in_progress(k)
                     cur, prev = meta.get("state_dir"), meta.get("prev_state_dir")
-                    meta.update(next_round=k + 1, labels_used=meta["labels_used"] + labels,
+                    # "labels_used": the marks used (old key name, as stored sessions have it)
+                    meta.update(next_round=k + 1, labels_used=meta["labels_used"] + num_marked,
                                 best=None if best is None else dataclasses.asdict(best),
                                 state_dir=name, prev_state_dir=cur,
                                 history=list(meta["history"]) + [metrics])
@@ -787,7 +792,8 @@ class Session:
 
     def summary(self) -> dict:
         """What the session panel shows."""
-        return {"session_id": self.session_id, "round": self.round, "labels_used": self.labels_used,
+        # "labels_used" keeps its old name: the front end (web/js) reads it
+        return {"session_id": self.session_id, "round": self.round, "labels_used": self.marks_used,
                 "budget": self.config.budget, "best": self._meta["best"],
                 "history": self.history, "info": self.info, "pending": self.pending() is not None}
 

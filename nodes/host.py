@@ -235,7 +235,7 @@ def train(model, session: Session, feedback) -> TrainResult:
     device = mm.get_torch_device()
     progress = _progress(100)
     log.info("HERO: session %s round %d: training (%d marks)", session.session_id, k,
-             feedback.marks.count)
+             feedback.marks.num_marked)
     with torch.inference_mode(False), torch.enable_grad():
         # once, outside inference mode (the optimizer's state is updated in place): the LoRA,
         # the optimizer, the encoder, the best, the pool
@@ -374,12 +374,13 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
         path = export_path(prefix, s.round)
         cfg = s.config
         md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
-              "hero_labels_used": str(s.labels_used), "hero_method": cfg.method,
+              # "hero_labels_used": the marks used (the key's old name, as exported files have it)
+              "hero_labels_used": str(s.marks_used), "hero_method": cfg.method,
               "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
               "hero_base_model": state.base_model, "hero_family": state.family,
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
-                                     f"{s.round} rounds, {s.labels_used} labels"}
+                                     f"{s.round} rounds, {s.marks_used} labels"}
         base = s.info.get("base_checkpoint") or state.base_model
         card, sidecar = session_card(s, state.family, base_model=base, author=author)
         md.update(card)

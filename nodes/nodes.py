@@ -292,7 +292,7 @@ class HERO_Session(io.ComfyNode):
         s, created, diff = open_session(session_id, config, repair=bool(repair))
         s.config = with_memory_settings(s.config, **memory)   # the machine's, not the session's
         lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "
-                 f"{s.labels_used}/{s.config.budget} labels used", memory_line(s.config.policy)]
+                 f"{s.marks_used}/{s.config.budget} labels used", memory_line(s.config.policy)]
         if diff:
             lines.append("kept the session's own settings for: " + ", ".join(diff))
             log.info("HERO: session %s keeps its settings (%s)", s.session_id, ", ".join(diff))
@@ -406,6 +406,7 @@ class HERO_Train(io.ComfyNode):
         m = r.metrics
         text = r.message
         if r.trained:
+            # the round's metrics keep their old key names ("labels", "labels_used": marks)
             text += (f": {m.get('labels')} marks ({m.get('labels_used')}/{session.config.budget}"
                      f" used), good rate {m.get('good_rate', 0):.2f}, policy loss "
                      f"{m.get('policy_loss', float('nan')):.3g}; {phase_times(m)}")

@@ -231,7 +231,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         curve[-1]["session_success"] = seen["session_success"]
         final = r == spec.rounds - 1
         do_eval = (spec.eval_every and (r + 1) % spec.eval_every == 0) or final
-        point = {"labels": session.labels_used, "round": r + 1, "good_rate": m["good_rate"],
+        # "labels" (the marks so far) keeps its old name: stored bench JSON is read back
+        point = {"labels": session.marks_used, "round": r + 1, "good_rate": m["good_rate"],
                  "reward_std": m.get("reward_std"), "success": None, "diversity": None,
                  "session_success": None, "bad_above_mean": m.get("bad_above_mean"),
                  "clipfrac": m.get("policy_clipfrac"),
@@ -243,7 +244,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         curve.append(point)
         succ = "" if point["success"] is None else f"success {point['success']:.3f}  "
         log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
-            f"marks {session.labels_used}  good rate {m['good_rate']:.3f}  "
+            f"marks {session.marks_used}  good rate {m['good_rate']:.3f}  "
             f"reward spread {m['reward_std']:.4f}  {succ}{time.time() - t0:.1f}s")
     # the batch the person would see next (not marked, not stored): session success at the end
     noises, _ = loop.plan_initial_noise(session, tuple(be.latent_shape))
@@ -257,7 +258,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "seed": spec.seed, "prompt": prompt,
               "eval_n": spec.eval_n, "batch_size": spec.batch_size, "steps": steps,
               "cfg": be.cfg, "curve": curve, "success_before": first["success"],
-              "success_after": last["success"], "marks": session.labels_used,
+              "success_after": last["success"], "marks": session.marks_used,
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
               "session": str(sess_dir),
               # the session's cost: wall time, and this process's CPU time (what a core spent on
@@ -269,7 +270,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
         export_kohya(session.load_lora(), path, metadata={
             "hero_session_id": session.session_id, "hero_rounds": str(session.round),
-            "hero_marks_used": str(session.labels_used), "hero_prompts": json.dumps([prompt]),
+            "hero_marks_used": str(session.marks_used), "hero_prompts": json.dumps([prompt]),
             "hero_task": spec.task})
         result["lora"] = str(path)
     (out_dir / f"result-{tag}.json").write_text(

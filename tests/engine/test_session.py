@@ -26,7 +26,7 @@ def test_full_rounds_and_reopen(tmp_path):
     before = be.lora_tensors()
     for _ in range(3):
         loop.run_round(s, be, query_fn(be, ev, s))
-    assert s.round == 3 and s.labels_used == 18 and s.done
+    assert s.round == 3 and s.marks_used == 18 and s.done
     assert len(s.history) == 3
     h = s.history[-1]
     for key in ("labels_used", "good_rate", "triplet_loss_first", "triplet_loss_last",
@@ -36,7 +36,7 @@ def test_full_rounds_and_reopen(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the LoRA moved
     # reopen: everything survives
     s2 = Session.open(tmp_path / "s1")
-    assert s2.round == 3 and s2.labels_used == 18 and s2.best == s.best
+    assert s2.round == 3 and s2.marks_used == 18 and s2.best == s.best
     st = s2.load_state()
     assert set(st) == {"lora", "policy_opt", "encoder", "best", "pool"}
     assert all(torch.equal(st["lora"][k], after[k]) for k in after)
@@ -90,7 +90,7 @@ def test_kill_during_training_and_resume(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     s = Session.open(killed)
-    assert s.round == 1 and s.labels_used == 6         # round 0 complete, round 1 not
+    assert s.round == 1 and s.marks_used == 6         # round 0 complete, round 1 not
     marks = s.marks_for(1)
     assert marks is not None and marks == Session.open(ref).marks_for(1)
     torch.set_num_threads(1)  # as the worker: bit-identical float reductions

@@ -145,7 +145,7 @@ def test_concurrent_exports_and_summaries_during_20_commits(tmp_path):
     assert p["counts"]["exports"] >= rounds // 2, p["counts"]
     # the session is whole: every round, every mark, and the newest export recorded
     final = Session.open(sdir)
-    assert final.round == rounds and final.labels_used == 4 * rounds
+    assert final.round == rounds and final.marks_used == 4 * rounds
     assert len(final.history) == rounds
     assert all(final.marks_for(k) is not None for k in range(rounds))
     newest = max(exports + p["exports"], key=lambda e: e["time"])
@@ -285,7 +285,7 @@ def test_repair_deleted_state_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "go back to state-0002" in out.stdout and "round 2 in progress" in out.stdout
     r = Session.open(s.path)
-    assert r.round == 2 and r.labels_used == 12 and len(r.history) == 2
+    assert r.round == 2 and r.marks_used == 12 and len(r.history) == 2
     assert r.marks_for(2) == marks2  # nothing marked is lost
     # round 2 trains again from its saved marks: the same LoRA as before the damage
     train_again(r)
@@ -314,7 +314,7 @@ def test_repair_truncated_state_file_and_session_json(tmp_path):
         Session.open(s.path)
     assert repair(s.path)["round"] == 1
     r = Session.open(s.path)
-    assert r.round == 1 and r.labels_used == 6 and r.marks_for(0) is not None
+    assert r.round == 1 and r.marks_used == 6 and r.marks_for(0) is not None
     # before the first commit: rebuilt from session.init.json
     t = Session.create(tmp_path / "young", tiny_config())
     (t.path / "session.json").unlink()
@@ -338,7 +338,7 @@ def test_repair_without_any_complete_state_archives_untrainable_rounds(tmp_path)
     rep = repair(s.path)
     assert rep["round"] == 0
     r = Session.open(s.path)
-    assert r.round == 0 and r.labels_used == 0 and r.state_dir is None
+    assert r.round == 0 and r.marks_used == 0 and r.state_dir is None
     # rounds 0 and 1 lost their trajectories (they were trained long ago): archived, marks kept
     arch = list((s.path / "rounds-archive").glob("*/0000/marks.json"))
     assert len(arch) == 1 and Marks.from_json(json.loads(arch[0].read_text()))

@@ -66,8 +66,8 @@ class HERO_TestFinish(io.ComfyNode):
         s, k, m = feedback.session, feedback.round, feedback.marks
         n = len(m.good) + len(m.bad)
         best = S.BestRecord(k, m.best) if m.best is not None else s.best
-        s.complete_round(k, {}, {"round": k, "labels": m.count, "good": len(m.good),
-                                 "good_rate": len(m.good) / n}, best, m.count)
+        s.complete_round(k, {}, {"round": k, "labels": m.num_marked, "good": len(m.good),
+                                 "good_rate": len(m.good) / n}, best, m.num_marked)
         return io.NodeOutput(ui={"text": [f"round {k} done"]})
 
 
