@@ -476,7 +476,7 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     modes = getattr(backend, "training", None)
     with (modes(session.config.policy) if modes else contextlib.nullcontext()):
         apply_policy_update(session, plan, backend.denoiser(), popt, progress,
-                            conditional=backend.denoiser(cfg=1.0))
+                            conditional=backend.denoiser(guidance_scale=1.0))
     if inspect is not None:
         inspect(plan)
     return complete_round(session, plan, backend.lora_tensors(), popt,

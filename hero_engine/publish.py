@@ -134,13 +134,13 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
     rounds = session_prompts(session)
     prompts = [r["prompt"] for r in rounds if r["prompt"]]
     distinct = list(dict.fromkeys(prompts))
-    cfg = session.config
+    config = session.config
     sizes = Counter((r["width"], r["height"]) for r in rounds if r["width"] and r["height"])
     res = sizes.most_common(1)[0][0] if sizes else None
     trained = session.round
     desc = (f"HERO online LoRA from {session.marks_used} human marks over {trained} round"
-            f"{'s' if trained != 1 else ''} (session {session.session_id}, method {cfg.method}, "
-            f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}).")
+            f"{'s' if trained != 1 else ''} (session {session.session_id}, method {config.method}, "
+            f"rank {config.lora_rank}, alpha {config.lora_alpha:g}).")
     if distinct:
         desc += " Trained on the prompt" + ("s: " if len(distinct) > 1 else ": ") + \
             " | ".join(distinct[:8])
@@ -150,7 +150,7 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
         "modelspec.tags": ", ".join(["hero", "online-rlhf", "human-feedback", "lora", family]),
         "ss_sd_model_name": base_model or "",
         "ss_num_train_images": str(session.marks_used),
-        "ss_seed": str(cfg.seed),
+        "ss_seed": str(config.seed),
         "ss_tag_frequency": json.dumps(tag_frequency(((r["prompt"], r["marks"]) for r in rounds),
                                                      dataset=f"hero_{session.session_id}")),
         "ss_dataset_dirs": json.dumps({f"hero_{session.session_id}": {
@@ -187,7 +187,7 @@ def preference_pairs(session, relative_to: Optional[str | os.PathLike] = None) -
     indices, whether the chosen image was the round's best pick, and the negative prompt.
     Image paths are relative to ``relative_to`` when given (the dataset file's folder)."""
     base = None if relative_to is None else Path(relative_to).resolve()
-    cfg = session.config
+    config = session.config
     rows = []
 
     def path(k, i):
@@ -206,7 +206,7 @@ def preference_pairs(session, relative_to: Optional[str | os.PathLike] = None) -
                              "label_0": 1.0, "label_1": 0.0,
                              "round": k, "chosen_index": g, "rejected_index": b,
                              "chosen_is_best": m.best == g,
-                             "seed": cfg.seed, "sampler_seed": r["seed"],
+                             "seed": config.seed, "sampler_seed": r["seed"],
                              "width": r["width"], "height": r["height"],
                              "session": session.session_id})
     return rows

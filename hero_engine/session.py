@@ -142,7 +142,7 @@ class HeroConfig:
     batch_size: int = 64
     steps: int = 50
     eta: float = 1.0
-    cfg: float = 5.0
+    guidance_scale: float = 5.0     # classifier-free guidance scale
     beta: float = 0.5               # best image ratio
     epsilon: float = 0.1            # noise perturbation
     fresh_ratio: float = 0.0        # not in HERO: share of each guided batch kept at N(0, I)
@@ -231,6 +231,9 @@ class HeroConfig:
     @classmethod
     def from_json(cls, d: dict) -> "HeroConfig":
         d = dict(d)
+        if "cfg" in d:   # written before the guidance scale was named guidance_scale
+            d.setdefault("guidance_scale", d["cfg"])
+            del d["cfg"]
         pol = PolicyConfig(**d.pop("policy", {}))
         rep = d.pop("representation", {})
         if "head_dims" in rep:

@@ -70,7 +70,7 @@ class HeroBatch:
     latent: torch.Tensor          # [B, C, h, w] (ComfyUI LATENT samples)
     positive: Any = None
     negative: Any = None
-    cfg: float = 5.0
+    guidance_scale: float = 5.0
     steps: int = 20
     width: int = 512
     height: int = 512
@@ -96,7 +96,7 @@ def _load_pending_images(session: Session, k: int, n: int) -> torch.Tensor:
 
 
 def generate(model, positive, negative, vae, session: Session, batch_size: int = 0,
-             steps: int = 0, cfg: float = 0.0, width: int = 512, height: int = 512,
+             steps: int = 0, guidance_scale: float = 0.0, width: int = 512, height: int = 512,
              seed: int = 0, workflow: Optional[dict] = None) -> HeroBatch:
     """HERO_Generate: sample the round's batch with the current LoRA through ComfyUI's guider
     (or re-use the round's stored batch after a restart). ``workflow``: what the node read from
@@ -113,10 +113,10 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
     names = lora_targets(model, session)
-    scfg = session.config
-    steps = int(steps) or scfg.steps
-    cfg = float(cfg) or scfg.cfg
-    n = int(batch_size) or scfg.batch_size
+    config = session.config
+    steps = int(steps) or config.steps
+    guidance_scale = float(guidance_scale) or config.guidance_scale
+    n = int(batch_size) or config.batch_size
     k = session.round
     pend = session.pending()
     if pend is not None:
@@ -133,7 +133,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
         log.info("HERO: session %s round %d: re-using the batch generated before (%d images)",
                  session.session_id, k, size)
         return HeroBatch(session, k, size, images, latent, positive, negative,
-                         float(meta.get("cfg", cfg)), int(meta.get("steps", steps)),
+                         float(meta.get("cfg", guidance_scale)), int(meta.get("steps", steps)),
                          int(meta.get("width", width)), int(meta.get("height", height)),
                          reused=True, family=family)
     if n < 2:
@@ -154,7 +154,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     shape = (channels, height // 8, width // 8)
     guider = comfy.samplers.CFGGuider(mp)
     guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
+    guider.set_cfg(guidance_scale)
     progress = _progress(steps)
     out: dict = {}
 
@@ -172,7 +172,8 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
             session, make_denoiser(model_wrap, extra_args), decode, schedule, shape,
             [workflow["prompt"]] if workflow.get("prompt") else [],
             device=noise.device, progress=progress, micro_batch=GENERATE_MICRO_BATCH,
-            extra_meta={"cfg": cfg, "steps": steps, "width": width, "height": height,
+            # "cfg": the guidance scale (the key stored rounds' meta.json have)
+            extra_meta={"cfg": guidance_scale, "steps": steps, "width": width, "height": height,
                         "seed": int(seed), "family": family, "host": "comfyui",
                         "prompt_text": workflow.get("prompt") or "",
                         "negative_text": workflow.get("negative") or "",
@@ -183,8 +184,8 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     noise = torch.zeros((n, *shape))
     latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
                            seed=int(seed))
-    return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative, cfg, steps,
-                     width, height, reused=False, family=family)
+    return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative,
+                     guidance_scale, steps, width, height, reused=False, family=family)
 
 
 @dataclass
@@ -256,11 +257,12 @@ def train(model, session: Session, feedback) -> TrainResult:
         sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", max(1, len(plan.trajectory.schedule))).cpu()
         guider = comfy.samplers.CFGGuider(mp)
         guider.set_conds(batch.positive, batch.negative)
-        scfg = session.config
-        # reward-weighted denoising trains the conditional prediction alone: at cfg 1 ComfyUI
-        # skips the unconditional pass (unless extra samples must be drawn with guidance)
-        conditional_only = scfg.update == "rwr" and scfg.extra_samples(len(plan.trajectory)) == 0
-        guider.set_cfg(1.0 if conditional_only else float(batch.cfg))
+        config = session.config
+        # reward-weighted denoising trains the conditional prediction alone: at guidance scale 1
+        # ComfyUI skips the unconditional pass (unless extra samples must be drawn with guidance)
+        conditional_only = (config.update == "rwr"
+                            and config.extra_samples(len(plan.trajectory)) == 0)
+        guider.set_cfg(1.0 if conditional_only else float(batch.guidance_scale))
         res: dict = {}
 
         def run(model_wrap, extra_args, noise):
@@ -372,11 +374,11 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
                                   f"first export comes after round 0 is trained (HERO Train)")
         state = _stored_lora(s, st)
         path = export_path(prefix, s.round)
-        cfg = s.config
+        config = s.config
         md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
               # "hero_labels_used": the marks used (the key's old name, as exported files have it)
-              "hero_labels_used": str(s.marks_used), "hero_method": cfg.method,
-              "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
+              "hero_labels_used": str(s.marks_used), "hero_method": config.method,
+              "hero_config": json.dumps(config.to_json(), sort_keys=True),
               "hero_base_model": state.base_model, "hero_family": state.family,
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "

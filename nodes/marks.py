@@ -54,8 +54,8 @@ def _marks_used(session) -> Optional[int]:
 
 
 def _budget(session) -> Optional[int]:
-    cfg = getattr(session, "config", None)
-    v = getattr(cfg, "budget", None) if cfg is not None else None
+    config = getattr(session, "config", None)
+    v = getattr(config, "budget", None) if config is not None else None
     try:
         return None if v is None else int(v)
     except (TypeError, ValueError):

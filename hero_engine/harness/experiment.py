@@ -89,9 +89,9 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
     if prompt is None:
         raise ValueError(f"unknown task {spec.task!r}: choose one of {sorted(TASKS)} or give "
                          f"--prompt with --evaluator")
-    scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_cfg
+    scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_guidance_scale
     be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
-                          toy.latent_shape, [prompt], cfg=scale, rank=4, alpha=4.0, family="toy",
+                          toy.latent_shape, [prompt], guidance_scale=scale, rank=4, alpha=4.0, family="toy",
                           device=device, lora_seed=spec.seed,
                           targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
                               k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
@@ -123,7 +123,7 @@ def toy_config(spec: ExperimentSpec, steps: int, guidance_scale: float) -> HeroC
     if spec.reward_features is not None:
         extra["reward_features"] = spec.reward_features
     return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps,
-                      cfg=guidance_scale,
+                      guidance_scale=guidance_scale,
                       budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
                       policy=PolicyConfig(**{
@@ -177,7 +177,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         import shutil
         shutil.rmtree(sess_dir)
     t_start, cpu_start, eval_seconds = time.time(), time.process_time(), [0.0]
-    session = Session.create(sess_dir, toy_config(spec, steps, be.cfg), info={"task": spec.task, "prompt": prompt})
+    session = Session.create(sess_dir, toy_config(spec, steps, be.guidance_scale), info={"task": spec.task, "prompt": prompt})
     ev = SimulatedEvaluator(score_fn, threshold, flip_rate=spec.flip_rate, seed=spec.seed)
 
     def measure(label: str, n: int) -> dict:
@@ -190,7 +190,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     # The LoRA starts at zero (B = 0), so every method and seed of a task starts from the same
     # model and the same evaluation draws: measure the base once per process.
     base_key = (spec.task, prompt, score_fn, threshold,
-                spec.eval_seed, spec.eval_n, steps, be.cfg, str(device))
+                spec.eval_seed, spec.eval_n, steps, be.guidance_scale, str(device))
     if base_key not in _BASE_EVALS:
         _BASE_EVALS[base_key] = measure("before", spec.eval_n)
     first = _BASE_EVALS[base_key]
@@ -257,7 +257,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "overrides": {k: v for k, v in spec.hero.items()}, "flip_rate": spec.flip_rate,
               "seed": spec.seed, "prompt": prompt,
               "eval_n": spec.eval_n, "batch_size": spec.batch_size, "steps": steps,
-              "cfg": be.cfg, "curve": curve, "success_before": first["success"],
+              # "cfg": the guidance scale (the key stored bench results have)
+              "cfg": be.guidance_scale, "curve": curve, "success_before": first["success"],
               "success_after": last["success"], "marks": session.marks_used,
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
               "session": str(sess_dir),

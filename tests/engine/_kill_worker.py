@@ -40,7 +40,7 @@ elif mode == "in-commit":
     s.record_marks(b.round, ev.query(b.images, be.prompts, 1.0)[0])
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
-    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
+    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
     real = session_mod.atomic_torch_save
     n = [0]
 

@@ -33,7 +33,7 @@ marks, _ = ev.query(batch.images, be.prompts, 1.0)
 session.record_marks(batch.round, marks)
 plan = loop.prepare_learning(session)
 popt = be.policy_optimizer(session)
-den, cond = be.denoiser(), be.denoiser(cfg=1.0)   # the guided and the conditional prediction
+den, cond = be.denoiser(), be.denoiser(guidance_scale=1.0)   # the guided and the conditional prediction
 if mode == "kill-in-training":
     def slow(f):
         def g(*a, **k):

@@ -80,7 +80,7 @@ def _train(s, be):
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
     with be.training(s.config.policy):
-        m = loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
+        m = loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
     return plan, m, be.lora_tensors()
 
 

@@ -166,6 +166,21 @@ def test_config_validation():
     assert c == tiny_config()
 
 
+def test_config_with_the_old_cfg_key_opens(tmp_path):
+    """Sessions written before the guidance scale was named ``guidance_scale`` stored it as
+    ``"cfg"``: they open with that scale, and new sessions write the new key."""
+    Session.create(tmp_path / "old", tiny_config(guidance_scale=5.0))
+    f = tmp_path / "old" / "session.json"
+    meta = json.loads(f.read_text())
+    assert "cfg" not in meta["config"] and meta["config"]["guidance_scale"] == 5.0
+    del meta["config"]["guidance_scale"]
+    meta["config"]["cfg"] = 7.5
+    f.write_text(json.dumps(meta))
+    s = Session.open(tmp_path / "old")
+    assert s.config.guidance_scale == 7.5
+    assert s.config.to_json()["guidance_scale"] == 7.5 and "cfg" not in s.config.to_json()
+
+
 def test_next_batch_eta_from_the_last_round(tmp_path):
     """The wait after Submit is the last round's training plus the last batch's generation,
     kept in session.json across a restart."""
@@ -182,7 +197,7 @@ def test_next_batch_eta_from_the_last_round(tmp_path):
     s.record_marks(b.round, marks)
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
-    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
+    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
     m = loop.complete_round(s, plan, be.lora_tensors(), popt)
     eta = Session.open(s.path).next_batch_eta()
     assert eta["train_seconds"] == pytest.approx(m["train_seconds"], abs=1e-3)

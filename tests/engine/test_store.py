@@ -58,7 +58,7 @@ def toy_session(path: Path, rounds: int):
     spec = ExperimentSpec(task="colour", rounds=rounds, batch_size=4, encoder_epochs=2,
                           ppo_timesteps=1, ppo_batch=4)
     toy, task, be = toy_backend(spec)
-    s = Session.create(path, toy_config(spec, 3, be.cfg))
+    s = Session.create(path, toy_config(spec, 3, be.guidance_scale))
     ev = SimulatedEvaluator(task.score, task.threshold, seed=0)
 
     def query(batch):
