@@ -93,15 +93,15 @@ def _read_json(p: Path) -> Optional[dict]:
 def session_prompts(session) -> list[dict]:
     """Per completed (marked) round: {round, prompt, negative, marks, seed, width, height}."""
     out = []
-    for k in range(session.round + 1):
-        d = session.round_dir(k)
+    for round_idx in range(session.round + 1):
+        d = session.round_dir(round_idx)
         meta = _read_json(d / "meta.json")
-        marks = session.marks_for(k) if (d / "marks.json").exists() else None
+        marks = session.marks_for(round_idx) if (d / "marks.json").exists() else None
         if meta is None or marks is None:
             continue
         prompts = meta.get("prompts") or []
         prompt = meta.get("prompt_text") or (prompts[0] if prompts else "")
-        out.append({"round": k, "prompt": prompt, "negative": meta.get("negative_text", ""),
+        out.append({"round": round_idx, "prompt": prompt, "negative": meta.get("negative_text", ""),
                     "marks": marks.num_marked, "seed": meta.get("seed"), "width": meta.get("width"),
                     "height": meta.get("height"), "time": meta.get("time")})
     return out
@@ -116,10 +116,10 @@ def _created(session) -> Optional[float]:
 
 
 def _finished(session) -> Optional[float]:
-    k = session.round - 1
-    if k < 0:
+    round_idx = session.round - 1
+    if round_idx < 0:
         return None
-    p = session.round_dir(k) / "metrics.json"
+    p = session.round_dir(round_idx) / "metrics.json"
     try:
         return p.stat().st_mtime
     except OSError:
@@ -190,21 +190,21 @@ def preference_pairs(session, relative_to: Optional[str | os.PathLike] = None) -
     config = session.config
     rows = []
 
-    def path(k, i):
-        p = Path(session.image_path(k, i)).resolve()
+    def path(round_idx, i):
+        p = Path(session.image_path(round_idx, i)).resolve()
         return os.path.relpath(p, base) if base is not None else str(p)
 
     for r in session_prompts(session):
-        k = r["round"]
-        m = session.marks_for(k)
+        round_idx = r["round"]
+        m = session.marks_for(round_idx)
         for g in m.good:
             for b in m.bad:
                 rows.append({"prompt": r["prompt"], "caption": r["prompt"],
                              "negative_prompt": r["negative"],
-                             "chosen": path(k, g), "rejected": path(k, b),
-                             "image_0": path(k, g), "image_1": path(k, b),
+                             "chosen": path(round_idx, g), "rejected": path(round_idx, b),
+                             "image_0": path(round_idx, g), "image_1": path(round_idx, b),
                              "label_0": 1.0, "label_1": 0.0,
-                             "round": k, "chosen_index": g, "rejected_index": b,
+                             "round": round_idx, "chosen_index": g, "rejected_index": b,
                              "chosen_is_best": m.best == g,
                              "seed": config.seed, "sampler_seed": r["seed"],
                              "width": r["width"], "height": r["height"],
@@ -246,23 +246,24 @@ def guided_noises(session) -> tuple[torch.Tensor, list[dict]]:
     rows, info, seen = [], [], set()
     b = session.best
     order = [(b.round, b.index, True)] if b is not None else []
-    for k in range(session.round, -1, -1):
-        m = session.marks_for(k) if (session.round_dir(k) / "marks.json").exists() else None
+    for round_idx in range(session.round, -1, -1):
+        marked = (session.round_dir(round_idx) / "marks.json").exists()
+        m = session.marks_for(round_idx) if marked else None
         if m is not None:
-            order += [(k, i, False) for i in m.good]
+            order += [(round_idx, i, False) for i in m.good]
     cache: dict = {}
-    for k, i, best in order:
-        if (k, i) in seen:
+    for round_idx, i, best in order:
+        if (round_idx, i) in seen:
             continue
-        p = session.round_dir(k) / "generated.pt"
-        if k not in cache:
-            cache[k] = torch_load(p)["noises"] if p.is_file() else None
-        n = cache[k]
+        p = session.round_dir(round_idx) / "generated.pt"
+        if round_idx not in cache:
+            cache[round_idx] = torch_load(p)["noises"] if p.is_file() else None
+        n = cache[round_idx]
         if n is None or i >= len(n):
             continue
-        seen.add((k, i))
+        seen.add((round_idx, i))
         rows.append(n[i].float())
-        info.append({"round": k, "index": i, "best": best})
+        info.append({"round": round_idx, "index": i, "best": best})
     if not rows:
         return torch.zeros(0), []
     shapes = {tuple(r.shape) for r in rows}

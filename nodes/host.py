@@ -82,15 +82,15 @@ class HeroBatch:
                 f"size={self.size}, reused={self.reused})")
 
 
-def _load_pending_images(session: Session, k: int, n: int) -> torch.Tensor:
+def _load_pending_images(session: Session, round_idx: int, n: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
     ims = []
     for i in range(n):
-        p = session.image_path(k, i)
+        p = session.image_path(round_idx, i)
         if not p.is_file():
-            raise SessionError(f"round {k} image {p} is missing; delete {session.round_dir(k)} to "
-                               f"generate the round again")
+            raise SessionError(f"round {round_idx} image {p} is missing; delete "
+                               f"{session.round_dir(round_idx)} to generate the round again")
         ims.append(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0))
     return torch.stack(ims)
 
@@ -117,22 +117,22 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     steps = int(steps) or config.steps
     guidance_scale = float(guidance_scale) or config.guidance_scale
     n = int(batch_size) or config.batch_size
-    k = session.round
+    round_idx = session.round
     pend = session.pending()
     if pend is not None:
         # a batch generated before a restart (or an earlier failed prompt): show the same images
         size = int(pend["meta"]["size"])
-        data = session.load_generated(k)
+        data = session.load_generated(round_idx)
         if "latents" not in data:
-            raise SessionError(f"round {k}'s stored batch has no trajectory; delete "
-                               f"{session.round_dir(k)} to generate it again")
+            raise SessionError(f"round {round_idx}'s stored batch has no trajectory; delete "
+                               f"{session.round_dir(round_idx)} to generate it again")
         x0 = data["latents"][:, -1].float()
         latent = model.model.process_latent_out(x0)
-        images = _load_pending_images(session, k, size)
+        images = _load_pending_images(session, round_idx, size)
         meta = pend["meta"]
         log.info("HERO: session %s round %d: re-using the batch generated before (%d images)",
-                 session.session_id, k, size)
-        return HeroBatch(session, k, size, images, latent, positive, negative,
+                 session.session_id, round_idx, size)
+        return HeroBatch(session, round_idx, size, images, latent, positive, negative,
                          float(meta.get("cfg", guidance_scale)), int(meta.get("steps", steps)),
                          int(meta.get("width", width)), int(meta.get("height", height)),
                          reused=True, family=family)
@@ -184,7 +184,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     noise = torch.zeros((n, *shape))
     latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
                            seed=int(seed))
-    return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative,
+    return HeroBatch(session, round_idx, n, out["images"], latent.cpu(), positive, negative,
                      guidance_scale, steps, width, height, reused=False, family=family)
 
 
@@ -222,20 +222,21 @@ def train(model, session: Session, feedback) -> TrainResult:
         raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
                             f"'{session.session_id}'")
     names = lora_targets(model, session)
-    k = session.round
-    if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
+    round_idx = session.round
+    # already trained (e.g. the prompt ran again): nothing to do
+    if int(feedback.round) < round_idx:
         lora = session_lora(session, model, names, session.load_state(("lora",)), family)
         return TrainResult(patched_model(model, lora), {}, False,
                            f"round {feedback.round} was already trained")
-    if int(feedback.round) > k:
+    if int(feedback.round) > round_idx:
         raise HeroHostError(f"the feedback is for round {feedback.round} but session "
-                            f"'{session.session_id}' is at round {k}")
+                            f"'{session.session_id}' is at round {round_idx}")
     if batch is None or getattr(batch, "positive", None) is None:
         raise HeroHostError("the feedback carries no HERO batch with conditioning; connect HERO "
                             "Generate -> HERO Feedback -> HERO Train")
     device = mm.get_torch_device()
     progress = _progress(100)
-    log.info("HERO: session %s round %d: training (%d marks)", session.session_id, k,
+    log.info("HERO: session %s round %d: training (%d marks)", session.session_id, round_idx,
              feedback.marks.num_marked)
     with torch.inference_mode(False), torch.enable_grad():
         # once, outside inference mode (the optimizer's state is updated in place): the LoRA,
@@ -284,7 +285,7 @@ def train(model, session: Session, feedback) -> TrainResult:
                                            {"host": "comfyui", "family": family})
     del mp, params, popt
     return TrainResult(patched_model(model, new), metrics, True,
-                       f"round {k} trained")
+                       f"round {round_idx} trained")
 
 
 def apply_lora(model, session: Session, strength: float = 1.0):
@@ -409,7 +410,8 @@ def export_preferences(session: Session) -> dict:
     from ..hero_engine.publish import export_preferences as write
     with session.locked():
         session.refresh()
-        if not any(session.marks_for(k) is not None for k in range(session.round + 1)):
+        if not any(session.marks_for(round_idx) is not None
+                   for round_idx in range(session.round + 1)):
             raise NothingToExport(f"session '{session.session_id}' has no marked round yet")
         path = Path(session.path) / "exports" / f"preferences_r{session.round:04d}.jsonl"
         res = write(session, path)

@@ -225,25 +225,26 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                                 extra_true_good=truth.mean().item())
 
     last = first
-    for r in range(spec.rounds):
+    for round_idx in range(spec.rounds):
         t0 = time.time()
         m = loop.run_round(session, be, query, inspect=inspect)
         curve[-1]["session_success"] = seen["session_success"]
-        final = r == spec.rounds - 1
-        do_eval = (spec.eval_every and (r + 1) % spec.eval_every == 0) or final
+        final = round_idx == spec.rounds - 1
+        do_eval = (spec.eval_every and (round_idx + 1) % spec.eval_every == 0) or final
         # "labels" (the marks so far) keeps its old name: stored bench JSON is read back
-        point = {"labels": session.marks_used, "round": r + 1, "good_rate": m["good_rate"],
+        point = {"labels": session.marks_used, "round": round_idx + 1,
+                 "good_rate": m["good_rate"],
                  "reward_std": m.get("reward_std"), "success": None, "diversity": None,
                  "session_success": None, "bad_above_mean": m.get("bad_above_mean"),
                  "clipfrac": m.get("policy_clipfrac"),
                  "extra_label_accuracy": m.get("extra_label_accuracy")}
         if do_eval:
             n = spec.eval_n if final else (spec.eval_n_mid or spec.eval_n)
-            last = measure(f"round {r}", n)
+            last = measure(f"round {round_idx}", n)
             point.update(success=last["success"], diversity=last["diversity"], eval_n=n)
         curve.append(point)
         succ = "" if point["success"] is None else f"success {point['success']:.3f}  "
-        log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
+        log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {round_idx + 1}/{spec.rounds}  "
             f"marks {session.marks_used}  good rate {m['good_rate']:.3f}  "
             f"reward spread {m['reward_std']:.4f}  {succ}{time.time() - t0:.1f}s")
     # the batch the person would see next (not marked, not stored): session success at the end
