@@ -116,8 +116,8 @@ def representation_seconds(latent_shape, n: int, device, epochs: int) -> float:
     import dataclasses
     from hero_engine.representation import RepresentationTrainer
     from hero_engine.session import HeroConfig
-    cfg = dataclasses.replace(HeroConfig().representation, epochs=epochs)
-    tr = RepresentationTrainer(latent_shape[0], cfg, device=device)
+    config = dataclasses.replace(HeroConfig().representation, epochs=epochs)
+    tr = RepresentationTrainer(latent_shape[0], config, device=device)
     g = torch.Generator().manual_seed(0)
     f = torch.randn((n, *latent_shape), generator=g)
     good, bad = list(range(0, n, 2)), list(range(1, n, 2))
@@ -136,8 +136,8 @@ def comfy_model(kind: str, device, dtype):
         from tiny_models import make_model
         return make_model(kind[:-5])
     sdxl = kind == "sdxl"
-    cfg = dict(SDXL_UNET if sdxl else SD15_UNET, dtype=dtype)
-    mc = (comfy.supported_models.SDXL if sdxl else comfy.supported_models.SD15)(cfg)
+    unet_config = dict(SDXL_UNET if sdxl else SD15_UNET, dtype=dtype)
+    mc = (comfy.supported_models.SDXL if sdxl else comfy.supported_models.SD15)(unet_config)
     base_cls = comfy.model_base.SDXL if sdxl else comfy.model_base.BaseModel
     with torch.inference_mode():
         model = base_cls(mc, model_type=comfy.model_base.ModelType.EPS, device=device)
@@ -200,10 +200,11 @@ def bench_comfy(kind: str, a, device, dtype, method: str, mode: str = "default")
     policy = P.PolicyConfig(denoise_steps=a.denoise_steps, timesteps_per_sample=a.ppo_timesteps)
     root = Path(tempfile.mkdtemp(prefix="hero-perf-"))
     R = import_pack_module("hero_engine.representation")
-    cfg = S.HeroConfig(method=method, batch_size=a.batch, steps=a.steps, cfg=a.cfg, policy=policy,
-                       representation=R.RepresentationConfig(epochs=a.encoder_epochs))
-    cfg = M.with_memory_settings(cfg, **MEMORY_MODES[mode])
-    session = S.Session.create(root / f"{kind}-{method}-{mode}", cfg)
+    config = S.HeroConfig(method=method, batch_size=a.batch, steps=a.steps,
+                          guidance_scale=a.cfg, policy=policy,
+                          representation=R.RepresentationConfig(epochs=a.encoder_epochs))
+    config = M.with_memory_settings(config, **MEMORY_MODES[mode])
+    session = S.Session.create(root / f"{kind}-{method}-{mode}", config)
     encoders = encoder_standin(kind, dtype)   # noqa: F841 (held, as a workflow holds its CLIP)
 
     def generate():
@@ -225,16 +226,16 @@ def bench_comfy(kind: str, a, device, dtype, method: str, mode: str = "default")
     enc, extra, upd = (float(m.get(k) or 0.0) for k in ("encoder_seconds", "extra_seconds",
                                                         "policy_seconds"))
     step = t_ks / (a.batch * a.steps)   # one CFG sampling image-step
-    if cfg.update == "rwr":
+    if config.update == "rwr":
         image_steps = policy.denoise_steps * policy.train_batch_size * policy.grad_accum
-    elif cfg.update == "ppo":
+    elif config.update == "ppo":
         image_steps = n * policy.timesteps_per_sample * policy.epochs
     else:   # d3po: a good and a bad chain per pair
         image_steps = 2 * min(len(fb.marks.good), len(fb.marks.bad)) * policy.timesteps_per_sample
     lat_shape = (4, 64, 64) if kind == "sd15" else (4, 128, 128) if kind == "sdxl" else \
         (4, h // 8, w // 8)
-    return {"model": kind, "method": method, "update": cfg.update, "device": str(device),
-            "memory_mode": mode, "memory": {k: getattr(cfg.policy, k) for k in M.MEMORY_SETTINGS},
+    return {"model": kind, "method": method, "update": config.update, "device": str(device),
+            "memory_mode": mode, "memory": {k: getattr(config.policy, k) for k in M.MEMORY_SETTINGS},
             "train_micro_batch": m.get("train_micro_batch"),
             "released_models": m.get("released_models"),
             "checkpointed_modules": m.get("checkpointed_modules"),
@@ -264,12 +265,12 @@ def bench_toy(a, device, method: str, mode: str = "default") -> dict:
                           ppo_timesteps=a.ppo_timesteps)
     toy, task, be = toy_backend(spec, device)
     steps = a.steps
-    cfg = toy_config(spec, steps, be.cfg)
-    cfg.policy.denoise_steps = a.denoise_steps
-    cfg.representation.epochs = a.encoder_epochs
-    cfg = with_memory_settings(cfg, **MEMORY_MODES[mode])
+    config = toy_config(spec, steps, be.guidance_scale)
+    config.policy.denoise_steps = a.denoise_steps
+    config.representation.epochs = a.encoder_epochs
+    config = with_memory_settings(config, **MEMORY_MODES[mode])
     root = Path(tempfile.mkdtemp(prefix="hero-perf-"))
-    session = Session.create(root / f"toy-{method}-{mode}", cfg)
+    session = Session.create(root / f"toy-{method}-{mode}", config)
     ev = SimulatedEvaluator(task.score, task.threshold)
     be.sample_fresh(2, 1, 0)   # warm-up
     _, t_s, m_s = timed(device, lambda: be.sample_fresh(a.batch, steps, 1))
@@ -280,15 +281,15 @@ def bench_toy(a, device, method: str, mode: str = "default") -> dict:
 
     m, t_round, m_round = timed(device, lambda: loop.run_round(session, be, query))
     step = t_s / (a.batch * steps)
-    pol = cfg.policy
-    image_steps = (pol.denoise_steps * pol.train_batch_size * pol.grad_accum if cfg.update == "rwr"
+    pol = config.policy
+    image_steps = (pol.denoise_steps * pol.train_batch_size * pol.grad_accum if config.update == "rwr"
                    else a.batch * pol.timesteps_per_sample * pol.epochs)
     upd = float(m.get("policy_seconds") or 0.0)
     enc = float(m.get("encoder_seconds") or 0.0)
-    return {"model": "toy", "method": method, "update": cfg.update, "device": str(device),
-            "memory_mode": mode, "memory": {k: getattr(cfg.policy, k) for k in MEMORY_SETTINGS},
+    return {"model": "toy", "method": method, "update": config.update, "device": str(device),
+            "memory_mode": mode, "memory": {k: getattr(config.policy, k) for k in MEMORY_SETTINGS},
             "train_micro_batch": m.get("train_micro_batch"),
-            "dtype": "float32", "size": 32, "batch": a.batch, "steps": steps, "cfg": be.cfg,
+            "dtype": "float32", "size": 32, "batch": a.batch, "steps": steps, "cfg": be.guidance_scale,
             "sample_fresh_s": t_s, "generate_s": float(m["generate_seconds"]),
             "generate_over_sample_fresh": float(m["generate_seconds"]) / t_s,
             "representation_s": enc, "extra_samples_s": float(m.get("extra_seconds") or 0.0),

@@ -17,8 +17,9 @@ from .session import Session
 __all__ = ["DiffusersBackend", "cfg_denoiser"]
 
 
-def cfg_denoiser(unet, cond: Tensor, uncond: Tensor, cfg: float) -> Denoiser:
-    """eps_hat = eps(x, t, "") + cfg (eps(x, t, c) - eps(x, t, "")), one batched UNet call.
+def cfg_denoiser(unet, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Denoiser:
+    """Classifier-free guidance: eps_hat = eps(x, t, "") + guidance_scale (eps(x, t, c) -
+    eps(x, t, "")), one batched UNet call.
     ``cond`` is [1 or N, L, D]; the sample's ``index`` picks its row when there are N."""
 
     def denoiser(x: Tensor, t: Tensor, alpha_bar: Tensor, index: Tensor) -> Tensor:
@@ -26,12 +27,12 @@ def cfg_denoiser(unet, cond: Tensor, uncond: Tensor, cfg: float) -> Denoiser:
         c = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond[index.to(cond.device)]
         u = uncond.expand(b, -1, -1)
         dtype = next(unet.parameters()).dtype
-        if cfg == 1.0:   # eps(x, t, c) alone, as ComfyUI skips the unconditional pass at cfg 1
+        if guidance_scale == 1.0:   # eps(x, t, c) alone, as ComfyUI skips the unconditional pass
             return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
         out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
                    encoder_hidden_states=torch.cat([u, c]).to(dtype)).sample.float()
         eps_u, eps_c = out.chunk(2)
-        return eps_u + cfg * (eps_c - eps_u)
+        return eps_u + guidance_scale * (eps_c - eps_u)
 
     return denoiser
 
@@ -42,7 +43,7 @@ class DiffusersBackend:
 
     def __init__(self, unet, encode_prompts: Callable[[list[str]], Tensor],
                  decode: Callable[[Tensor], Tensor], alphas_cumprod: Tensor,
-                 latent_shape: tuple[int, ...], prompts: list[str], cfg: float,
+                 latent_shape: tuple[int, ...], prompts: list[str], guidance_scale: float,
                  rank: int = 4, alpha: float = 4.0, family: str = "toy", device="cpu",
                  lora_seed: int = 0, targets: tuple[str, ...] = lora_mod.DEFAULT_TARGETS):
         self.unet = unet.to(device)
@@ -52,12 +53,12 @@ class DiffusersBackend:
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod)
         self.latent_shape = tuple(latent_shape)
         self.prompts = list(prompts)
-        self.cfg = cfg
+        self.guidance_scale = guidance_scale
         self.family = family
         self.alpha = float(alpha)
         self.device = torch.device(device)
         lora_mod.add_lora(self.unet, rank=rank, alpha=alpha, seed=lora_seed, targets=targets)
-        self._initial = self.lora_state()
+        self._initial = self.lora_tensors()
         with torch.no_grad():
             self._cond = encode_prompts(self.prompts).to(self.device)
             self._uncond = encode_prompts([""]).to(self.device)
@@ -70,16 +71,16 @@ class DiffusersBackend:
         """The LoRA on the UNet now (module names = diffusers names, the family's kohya names)."""
         return lora_mod.state_from_peft(self.unet, family=self.family)
 
-    def lora_state(self) -> dict[str, Tensor]:
+    def lora_tensors(self) -> dict[str, Tensor]:
         """The LoRA now in the form the session stores (``LoraState.to_tensors()``)."""
         return self.lora().to_tensors()
 
-    def load_lora_state(self, state: Optional[dict[str, Tensor]]) -> None:
+    def load_lora_tensors(self, tensors: Optional[dict[str, Tensor]]) -> None:
         """Load a session's stored LoRA (``None``: back to the initial LoRA, B = 0); sessions
         from older versions, which stored the peft parameters, are read too."""
-        state = self._initial if state is None else state
+        tensors = self._initial if tensors is None else tensors
         try:
-            lora = lora_mod.read_session_lora(state, family=self.family, alpha=self.alpha)
+            lora = lora_mod.read_session_lora(tensors, family=self.family, alpha=self.alpha)
             lora_mod.load_state_into_peft(self.unet, lora)
         except lora_mod.LoraFormatError as e:
             raise ValueError(f"the session's LoRA does not fit this model (different rank or "
@@ -87,7 +88,7 @@ class DiffusersBackend:
                              f"with ({e})") from None
 
     def load_session(self, session: Session) -> None:
-        self.load_lora_state(session.load_state(("lora",)).get("lora"))
+        self.load_lora_tensors(session.load_state(("lora",)).get("lora"))
 
     def policy_optimizer(self, session: Session) -> PolicyOptimizer:
         popt = PolicyOptimizer(self.lora_parameters(), session.config.policy)
@@ -113,12 +114,13 @@ class DiffusersBackend:
     def schedule(self, steps: int) -> DDIMSchedule:
         return DDIMSchedule.from_alphas_cumprod(self.alphas_cumprod, steps)
 
-    def denoiser(self, prompts: Optional[list[str]] = None, cfg: Optional[float] = None
-                 ) -> Denoiser:
-        """The guided sampler's prediction (``cfg``: the backend's scale; 1.0: the conditional
-        prediction alone, what reward-weighted denoising trains)."""
+    def denoiser(self, prompts: Optional[list[str]] = None,
+                 guidance_scale: Optional[float] = None) -> Denoiser:
+        """The guided sampler's prediction (``guidance_scale``: default the backend's; 1.0: the
+        conditional prediction alone, what reward-weighted denoising trains)."""
         cond = self._cond if prompts is None else self.encode_prompts(prompts).to(self.device)
-        return cfg_denoiser(self.unet, cond, self._uncond, self.cfg if cfg is None else cfg)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        return cfg_denoiser(self.unet, cond, self._uncond, scale)
 
     @contextlib.contextmanager
     def merged_lora(self):

@@ -56,18 +56,18 @@ def denoise_update(denoiser: Denoiser, x0: Tensor, weights: Tensor, schedule: DD
     """``steps`` AdamW steps of ``denoising_loss``, each over ``samples_per_step`` images drawn
     with probability proportional to their weight (micro-batches of ``train_batch_size``).
     ``index``: each image's conditioning row (default 0). Returns the mean loss and step counts."""
-    cfg = popt.config
+    config = popt.config
     n = len(x0)
     if n == 0 or not (weights > 0).any():
         raise ValueError("reward-weighted denoising needs at least one image with a positive "
                          "weight (a marked-good image)")
     if steps < 1 or samples_per_step < 1:
         raise ValueError("denoise steps and samples per step must be at least 1")
-    if not 0 < cfg.denoise_fraction <= 1:
-        raise ValueError(f"denoise_fraction must lie in (0, 1], got {cfg.denoise_fraction}")
+    if not 0 < config.denoise_fraction <= 1:
+        raise ValueError(f"denoise_fraction must lie in (0, 1], got {config.denoise_fraction}")
     T = len(schedule.timesteps)
     dev = x0.device
-    bs = max(1, min(cfg.train_batch_size, samples_per_step))
+    bs = max(1, min(config.train_batch_size, samples_per_step))
     per_step = -(-samples_per_step // bs)
     total = steps * per_step
     # importance-sample by weight, then weight the loss uniformly: the same expectation as the
@@ -76,7 +76,7 @@ def denoise_update(denoiser: Denoiser, x0: Tensor, weights: Tensor, schedule: DD
     pick = torch.multinomial(p / p.sum(), total * bs, replacement=True, generator=generator)
     # the noisiest ceil(fraction * T) steps (index 0 is the noisiest): the content the person
     # marked is decided there; the last steps only add the samples' fine grain
-    t_idx = torch.randint(max(1, math.ceil(cfg.denoise_fraction * T)), (total * bs,),
+    t_idx = torch.randint(max(1, math.ceil(config.denoise_fraction * T)), (total * bs,),
                           generator=generator)
     idx = torch.zeros(n, dtype=torch.long) if index is None else index.long().cpu()
     ones = torch.ones(bs)
@@ -85,7 +85,7 @@ def denoise_update(denoiser: Denoiser, x0: Tensor, weights: Tensor, schedule: DD
         sl = slice(j * bs, (j + 1) * bs)
         i = pick[sl]
         noise = torch.randn((len(i), *x0.shape[1:]), generator=generator).to(dev)
-        with _autocast(cfg, dev):
+        with _autocast(config, dev):
             loss = denoising_loss(denoiser, x0[i.to(dev)], ones[:len(i)], schedule, t_idx[sl],
                                   noise, idx[i].to(dev))
         (loss / per_step).backward()

@@ -49,6 +49,7 @@ def image_grid(images: torch.Tensor, ncol: int = 8, marks: Optional[dict] = None
 def metrics_plot(history: list[dict], width: int = 768, height: int = 512) -> torch.Tensor:
     """A 2x2 chart of marks used, good rate, triplet loss and reward spread per round ->
     IMAGE [1, H, W, 3]."""
+    # "labels_used": the history's key for the marks used (its old name, as stored sessions have it)
     panels = [("labels used", "labels_used"), ("good rate", "good_rate"),
               ("triplet loss (last)", "triplet_loss_last"), ("reward std", "reward_std")]
     img = Image.new("RGB", (width, height), (24, 24, 28))

@@ -30,8 +30,8 @@ class Marks:
         object.__setattr__(self, "best", None if best is None else int(best))
 
     @property
-    def count(self) -> int:
-        """Labels collected: one per marked image (the best pick is not counted, hero_spec 11.9)."""
+    def num_marked(self) -> int:
+        """Marks collected: one per marked image (the best pick is not counted, hero_spec 11.9)."""
         return len(self.good) + len(self.bad)
 
     def validate(self, n: int, has_current_best: bool) -> "Marks":

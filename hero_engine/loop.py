@@ -182,8 +182,10 @@ def prepare_learning(session: Session, device="cpu", best_score: Optional[float]
         best_feature, best_noise = st["best"]["feature"], st["best"]["noise"]
     pool = next_noise_pool(gen_data["noises"], list(marks.good), marks.best)
 
-    metrics = {"round": round_idx, "labels": marks.count,
-               "labels_used": session.labels_used + marks.count,
+    # "labels" (this round's marks) and "labels_used" (the marks so far) keep their old names:
+    # stored sessions' histories and the front end have them
+    metrics = {"round": round_idx, "labels": marks.num_marked,
+               "labels_used": session.marks_used + marks.num_marked,
                "good": len(marks.good), "good_rate": len(marks.good) / n,
                "best_changed": marks.best is not None, "method": config.method}
     encoder = None
@@ -435,11 +437,11 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
     return m
 
 
-def complete_round(session: Session, plan: LearnPlan, lora_state: "LoraState | dict",
+def complete_round(session: Session, plan: LearnPlan, lora: "LoraState | dict",
                    popt: PolicyOptimizer, extra_metrics: Optional[dict] = None) -> dict:
     """Step 7-8: commit LoRA (a LoraState or its ``to_tensors()`` form), optimizers, encoder,
     best record and noise pool atomically."""
-    state = {"lora": session_tensors(lora_state),
+    state = {"lora": session_tensors(lora),
              "policy_opt": popt.state_dict(),
              "best": {"feature": plan.best_feature.cpu(), "noise": plan.best_noise.cpu()},
              "pool": plan.pool.cpu()}
@@ -447,7 +449,7 @@ def complete_round(session: Session, plan: LearnPlan, lora_state: "LoraState | d
         state["encoder"] = plan.encoder.state_dict()
     metrics = {**plan.metrics, **(extra_metrics or {}), "time": time.time(),
                "train_seconds": time.time() - plan.started}
-    session.complete_round(plan.round, state, metrics, plan.best, plan.marks.count)
+    session.complete_round(plan.round, state, metrics, plan.best, plan.marks.num_marked)
     session.record_timing(train_seconds=metrics["train_seconds"])
     return metrics
 
@@ -474,8 +476,8 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     modes = getattr(backend, "training", None)
     with (modes(session.config.policy) if modes else contextlib.nullcontext()):
         apply_policy_update(session, plan, backend.denoiser(), popt, progress,
-                            conditional=backend.denoiser(cfg=1.0))
+                            conditional=backend.denoiser(guidance_scale=1.0))
     if inspect is not None:
         inspect(plan)
-    return complete_round(session, plan, backend.lora_state(), popt,
+    return complete_round(session, plan, backend.lora_tensors(), popt,
                           {"generate_seconds": t1 - t0, "round_seconds": time.time() - t0})

@@ -504,8 +504,8 @@ def state_from_peft(unet, family: str = "sd15", adapter_name: str = "hero") -> L
 
 
 def _layers_per_block(unet) -> int:
-    cfg = getattr(unet, "config", None)
-    lpb = getattr(cfg, "layers_per_block", 2) if cfg is not None else 2
+    unet_config = getattr(unet, "config", None)
+    lpb = getattr(unet_config, "layers_per_block", 2) if unet_config is not None else 2
     return int(lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
 
 

@@ -109,25 +109,25 @@ def probe_cuda(device: torch.device, run: Callable[[int], None]) -> Optional[Mem
     return MemoryProbe(fixed, per, float(free_driver + cached))
 
 
-def resolve_micro_batch(cfg, device, run: Optional[Callable[[int], None]] = None):
-    """``cfg`` (a PolicyConfig) with ``train_batch_size`` = the micro-batch to use and
+def resolve_micro_batch(config, device, run: Optional[Callable[[int], None]] = None):
+    """``config`` (a PolicyConfig) with ``train_batch_size`` = the micro-batch to use and
     ``grad_accum`` = the passes per AdamW step, the images per step unchanged -> (config,
     probe or None). ``run(b)``: a probe pass of b images (used only when ``micro_batch`` is 0
     on CUDA)."""
-    n_step = max(1, cfg.train_batch_size * cfg.grad_accum)
+    n_step = max(1, config.train_batch_size * config.grad_accum)
     probe = None
-    if cfg.micro_batch > 0:
-        b = choose_micro_batch(n_step, None, cfg.micro_batch)
+    if config.micro_batch > 0:
+        b = choose_micro_batch(n_step, None, config.micro_batch)
     else:
         if run is not None:
             probe = probe_cuda(torch.device(device), run)
-        b = choose_micro_batch(n_step, probe, cfg.train_batch_size)
-    if b == cfg.train_batch_size:
-        return cfg, probe
-    return dataclasses.replace(cfg, train_batch_size=b, grad_accum=n_step // b), probe
+        b = choose_micro_batch(n_step, probe, config.train_batch_size)
+    if b == config.train_batch_size:
+        return config, probe
+    return dataclasses.replace(config, train_batch_size=b, grad_accum=n_step // b), probe
 
 
-def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[MemoryProbe]) -> str:
+def oom_advice(config, micro_batch: int, chain_bytes: float, probe: Optional[MemoryProbe]) -> str:
     """The settings that would have fit, each with what it saves (estimates from the probe:
     halving the micro-batch saves half its activations; checkpointing keeps about a third)."""
     tips = []
@@ -135,13 +135,13 @@ def oom_advice(cfg, micro_batch: int, chain_bytes: float, probe: Optional[Memory
     if micro_batch > 1:
         save = "" if act is None else f" (saves about {act / 2 / GiB:.1f} GiB)"
         tips.append(f"policy.micro_batch {max(1, micro_batch // 2)} (now {micro_batch}){save}")
-    if not cfg.gradient_checkpointing:
+    if not config.gradient_checkpointing:
         save = "" if act is None else f" (saves about {act * 2 / 3 / GiB:.1f} GiB)"
         tips.append(f"policy.gradient_checkpointing true{save}; the update then takes about 1.3-1.6x longer")
-    if cfg.chains_on != "cpu" and chain_bytes > 0:
+    if config.chains_on != "cpu" and chain_bytes > 0:
         tips.append(f"policy.chains_on \"cpu\" (saves {chain_bytes / GiB:.2f} GiB)")
-    if not cfg.release_models:
+    if not config.release_models:
         tips.append("policy.release_models true (frees the VAE's and text encoders' memory)")
-    if cfg.mixed_precision == "no":
+    if config.mixed_precision == "no":
         tips.append("policy.mixed_precision \"fp16\" or \"bf16\" (about halves the activations)")
     return "; ".join(tips) if tips else "a smaller image size or batch"

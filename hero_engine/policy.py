@@ -129,7 +129,7 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
                     backward_fn: Callable[[int], dict], callback=None) -> dict:
     """Run ``backward_fn(j)`` for j < n_backward, stepping every ``per_step`` backwards.
     Restores the previous state and raises ``UpdateRejected`` on a non-finite loss or grad."""
-    cfg = popt.config
+    config = popt.config
     snap = popt.snapshot()
     popt.opt.zero_grad(set_to_none=True)
     stats: dict[str, list[float]] = {}
@@ -143,7 +143,7 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
                 raise UpdateRejected("policy loss became NaN/inf")
             last = j == n_backward - 1
             if (j + 1) % per_step == 0 or last:
-                norm = torch.nn.utils.clip_grad_norm_(popt.params, cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(popt.params, config.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise UpdateRejected("policy gradient became NaN/inf")
                 popt.opt.step()
@@ -158,7 +158,7 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
         if not isinstance(e, UpdateRejected):
             raise
         raise UpdateRejected(f"{e}; the update was rejected and the previous LoRA kept. "
-                             f"Lower the learning rate (now {cfg.lr:g}) or use fp32 training, "
+                             f"Lower the learning rate (now {config.lr:g}) or use fp32 training, "
                              f"then train the round again (its marks are saved).") from None
     res = {k: sum(v) / len(v) for k, v in stats.items()}
     res["optimizer_steps"] = steps
@@ -172,38 +172,38 @@ def ppo_update(denoiser: Denoiser, traj: Trajectory, advantages: Tensor, popt: P
     """``epochs`` PPO epochs (HERO: one) over the round's trajectories (hero_spec 7.5). Returns
     mean loss, ratio, clip fraction, approx KL, and the step counts. ``device``: where the
     denoiser runs (default: the chains')."""
-    cfg = popt.config
+    config = popt.config
     n, T = traj.log_probs.shape
     if advantages.shape != (n,):
         raise ValueError(f"need one advantage per trajectory ({n}), got {tuple(advantages.shape)}")
-    k = min(cfg.timesteps_per_sample, T)
-    bs = cfg.train_batch_size
+    k = min(config.timesteps_per_sample, T)
+    bs = config.train_batch_size
     mbs, steps = [], []
-    for _ in range(max(1, cfg.epochs)):   # every epoch: a new order and new timesteps
+    for _ in range(max(1, config.epochs)):   # every epoch: a new order and new timesteps
         order, st = _train_plan(n, T, k, generator)
         mbs += [order[s:s + bs] for s in range(0, n, bs)]
         steps += [st] * len(range(0, n, bs))
-    adv = advantages.float().clamp(-cfg.adv_clip, cfg.adv_clip)
+    adv = advantages.float().clamp(-config.adv_clip, config.adv_clip)
     dev = traj.latents.device if device is None else torch.device(device)
 
     def backward(j: int) -> dict:
         mb, kk = mbs[j // k], j % k
         step_idx = steps[j // k][mb, kk]
-        with _autocast(cfg, dev):
+        with _autocast(config, dev):
             logp = trajectory_log_prob(denoiser, traj, mb, step_idx, dev)
         old = traj.log_probs[mb.to(traj.log_probs.device),
                              step_idx.to(traj.log_probs.device)].to(logp.device)
         a = adv[mb].to(logp.device)
         ratio = torch.exp(logp.float() - old)
         unclipped = -a * ratio
-        clipped = -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
+        clipped = -a * ratio.clamp(1 - config.clip_range, 1 + config.clip_range)
         loss = torch.maximum(unclipped, clipped).mean()
-        (loss / (cfg.grad_accum * k)).backward()
+        (loss / (config.grad_accum * k)).backward()
         return {"loss": loss.item(), "ratio": ratio.mean().item(),
-                "clipfrac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
+                "clipfrac": ((ratio - 1).abs() > config.clip_range).float().mean().item(),
                 "approx_kl": (0.5 * (logp.float() - old) ** 2).mean().item()}
 
-    return _optimizer_loop(popt, len(mbs) * k, cfg.grad_accum * k, backward, callback)
+    return _optimizer_loop(popt, len(mbs) * k, config.grad_accum * k, backward, callback)
 
 
 def d3po_pairs(good: list[int], bad: list[int], n_pairs: int, generator: torch.Generator
@@ -218,15 +218,15 @@ def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list
                 popt: PolicyOptimizer, generator: torch.Generator,
                 callback: Optional[Callable[[int, int], None]] = None, device=None) -> dict:
     """One D3PO epoch over len(traj)/2 (good, bad) pairs, ``k`` shared timesteps per pair."""
-    cfg = popt.config
+    config = popt.config
     n, T = traj.log_probs.shape
     if not good or not bad:
         raise ValueError("D3PO needs at least one good and one bad image")
-    k = min(cfg.timesteps_per_sample, T)
+    k = min(config.timesteps_per_sample, T)
     n_pairs = max(1, n // 2)
     w, l_ = d3po_pairs(good, bad, n_pairs, generator)
     steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in range(n_pairs)])
-    bs = max(1, cfg.train_batch_size // 2)
+    bs = max(1, config.train_batch_size // 2)
     mbs = [torch.arange(s, min(s + bs, n_pairs)) for s in range(0, n_pairs, bs)]
     dev = traj.latents.device if device is None else torch.device(device)
 
@@ -234,18 +234,18 @@ def d3po_update(denoiser: Denoiser, traj: Trajectory, good: list[int], bad: list
         pi, kk = mbs[j // k], j % k
         step_idx = steps[pi, kk]
         idx = torch.cat([w[pi], l_[pi]])
-        with _autocast(cfg, dev):
+        with _autocast(config, dev):
             logp = trajectory_log_prob(denoiser, traj, idx, step_idx.repeat(2), dev)
         lp_dev = traj.log_probs.device
         old = traj.log_probs[idx.to(lp_dev), step_idx.repeat(2).to(lp_dev)].to(logp.device)
         # the authors clip each probability ratio to [1 - eps, 1 + eps] (their "Q-value" bound):
         # outside it the pair gives no gradient, a trust region around the sampling policy
-        lo, hi = math.log(1 - cfg.d3po_eps), math.log(1 + cfg.d3po_eps)
+        lo, hi = math.log(1 - config.d3po_eps), math.log(1 + config.d3po_eps)
         diff = (logp.float() - old).clamp(lo, hi)
         m = len(pi)
-        margin = cfg.d3po_beta * (diff[:m] - diff[m:])
+        margin = config.d3po_beta * (diff[:m] - diff[m:])
         loss = -torch.nn.functional.logsigmoid(margin).mean()
-        (loss / (cfg.grad_accum * k)).backward()
+        (loss / (config.grad_accum * k)).backward()
         return {"loss": loss.item(), "margin": margin.mean().item()}
 
-    return _optimizer_loop(popt, len(mbs) * k, cfg.grad_accum * k, backward, callback)
+    return _optimizer_loop(popt, len(mbs) * k, config.grad_accum * k, backward, callback)

@@ -91,18 +91,18 @@ def _read_json(p: Path) -> Optional[dict]:
 
 
 def session_prompts(session) -> list[dict]:
-    """Per completed (marked) round: {round, prompt, negative, labels, seed, width, height}."""
+    """Per completed (marked) round: {round, prompt, negative, marks, seed, width, height}."""
     out = []
-    for k in range(session.round + 1):
-        d = session.round_dir(k)
+    for round_idx in range(session.round + 1):
+        d = session.round_dir(round_idx)
         meta = _read_json(d / "meta.json")
-        marks = session.marks_for(k) if (d / "marks.json").exists() else None
+        marks = session.marks_for(round_idx) if (d / "marks.json").exists() else None
         if meta is None or marks is None:
             continue
         prompts = meta.get("prompts") or []
         prompt = meta.get("prompt_text") or (prompts[0] if prompts else "")
-        out.append({"round": k, "prompt": prompt, "negative": meta.get("negative_text", ""),
-                    "labels": marks.count, "seed": meta.get("seed"), "width": meta.get("width"),
+        out.append({"round": round_idx, "prompt": prompt, "negative": meta.get("negative_text", ""),
+                    "marks": marks.num_marked, "seed": meta.get("seed"), "width": meta.get("width"),
                     "height": meta.get("height"), "time": meta.get("time")})
     return out
 
@@ -116,10 +116,10 @@ def _created(session) -> Optional[float]:
 
 
 def _finished(session) -> Optional[float]:
-    k = session.round - 1
-    if k < 0:
+    round_idx = session.round - 1
+    if round_idx < 0:
         return None
-    p = session.round_dir(k) / "metrics.json"
+    p = session.round_dir(round_idx) / "metrics.json"
     try:
         return p.stat().st_mtime
     except OSError:
@@ -134,13 +134,13 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
     rounds = session_prompts(session)
     prompts = [r["prompt"] for r in rounds if r["prompt"]]
     distinct = list(dict.fromkeys(prompts))
-    cfg = session.config
+    config = session.config
     sizes = Counter((r["width"], r["height"]) for r in rounds if r["width"] and r["height"])
     res = sizes.most_common(1)[0][0] if sizes else None
     trained = session.round
-    desc = (f"HERO online LoRA from {session.labels_used} human marks over {trained} round"
-            f"{'s' if trained != 1 else ''} (session {session.session_id}, method {cfg.method}, "
-            f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}).")
+    desc = (f"HERO online LoRA from {session.marks_used} human marks over {trained} round"
+            f"{'s' if trained != 1 else ''} (session {session.session_id}, method {config.method}, "
+            f"rank {config.lora_rank}, alpha {config.lora_alpha:g}).")
     if distinct:
         desc += " Trained on the prompt" + ("s: " if len(distinct) > 1 else ": ") + \
             " | ".join(distinct[:8])
@@ -149,12 +149,12 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
         "modelspec.author": author or "ComfyUI-HERO user",
         "modelspec.tags": ", ".join(["hero", "online-rlhf", "human-feedback", "lora", family]),
         "ss_sd_model_name": base_model or "",
-        "ss_num_train_images": str(session.labels_used),
-        "ss_seed": str(cfg.seed),
-        "ss_tag_frequency": json.dumps(tag_frequency(((r["prompt"], r["labels"]) for r in rounds),
+        "ss_num_train_images": str(session.marks_used),
+        "ss_seed": str(config.seed),
+        "ss_tag_frequency": json.dumps(tag_frequency(((r["prompt"], r["marks"]) for r in rounds),
                                                      dataset=f"hero_{session.session_id}")),
         "ss_dataset_dirs": json.dumps({f"hero_{session.session_id}": {
-            "n_repeats": 1, "img_count": session.labels_used}}),
+            "n_repeats": 1, "img_count": session.marks_used}}),
         "ss_num_epochs": str(trained),
     }
     started, finished = _created(session), _finished(session)
@@ -168,7 +168,7 @@ def session_card(session, family: str, base_model: str = "", author: str = "",
     bp = session.best_image_path()
     if bp is not None and Path(bp).is_file():
         md["modelspec.thumbnail"] = thumbnail_data_url(bp)
-    notes = (f"Made with ComfyUI-HERO (HERO, arXiv 2410.05116): {session.labels_used} marks, "
+    notes = (f"Made with ComfyUI-HERO (HERO, arXiv 2410.05116): {session.marks_used} marks, "
              f"{trained} rounds, base model {base_model or 'unknown'}. No trigger word: use it "
              f"with the prompt it was trained on.")
     negs = [r["negative"] for r in rounds if r["negative"]]
@@ -187,26 +187,26 @@ def preference_pairs(session, relative_to: Optional[str | os.PathLike] = None) -
     indices, whether the chosen image was the round's best pick, and the negative prompt.
     Image paths are relative to ``relative_to`` when given (the dataset file's folder)."""
     base = None if relative_to is None else Path(relative_to).resolve()
-    cfg = session.config
+    config = session.config
     rows = []
 
-    def path(k, i):
-        p = Path(session.image_path(k, i)).resolve()
+    def path(round_idx, i):
+        p = Path(session.image_path(round_idx, i)).resolve()
         return os.path.relpath(p, base) if base is not None else str(p)
 
     for r in session_prompts(session):
-        k = r["round"]
-        m = session.marks_for(k)
+        round_idx = r["round"]
+        m = session.marks_for(round_idx)
         for g in m.good:
             for b in m.bad:
                 rows.append({"prompt": r["prompt"], "caption": r["prompt"],
                              "negative_prompt": r["negative"],
-                             "chosen": path(k, g), "rejected": path(k, b),
-                             "image_0": path(k, g), "image_1": path(k, b),
+                             "chosen": path(round_idx, g), "rejected": path(round_idx, b),
+                             "image_0": path(round_idx, g), "image_1": path(round_idx, b),
                              "label_0": 1.0, "label_1": 0.0,
-                             "round": k, "chosen_index": g, "rejected_index": b,
+                             "round": round_idx, "chosen_index": g, "rejected_index": b,
                              "chosen_is_best": m.best == g,
-                             "seed": cfg.seed, "sampler_seed": r["seed"],
+                             "seed": config.seed, "sampler_seed": r["seed"],
                              "width": r["width"], "height": r["height"],
                              "session": session.session_id})
     return rows
@@ -246,23 +246,24 @@ def guided_noises(session) -> tuple[torch.Tensor, list[dict]]:
     rows, info, seen = [], [], set()
     b = session.best
     order = [(b.round, b.index, True)] if b is not None else []
-    for k in range(session.round, -1, -1):
-        m = session.marks_for(k) if (session.round_dir(k) / "marks.json").exists() else None
+    for round_idx in range(session.round, -1, -1):
+        marked = (session.round_dir(round_idx) / "marks.json").exists()
+        m = session.marks_for(round_idx) if marked else None
         if m is not None:
-            order += [(k, i, False) for i in m.good]
+            order += [(round_idx, i, False) for i in m.good]
     cache: dict = {}
-    for k, i, best in order:
-        if (k, i) in seen:
+    for round_idx, i, best in order:
+        if (round_idx, i) in seen:
             continue
-        p = session.round_dir(k) / "generated.pt"
-        if k not in cache:
-            cache[k] = torch_load(p)["noises"] if p.is_file() else None
-        n = cache[k]
+        p = session.round_dir(round_idx) / "generated.pt"
+        if round_idx not in cache:
+            cache[round_idx] = torch_load(p)["noises"] if p.is_file() else None
+        n = cache[round_idx]
         if n is None or i >= len(n):
             continue
-        seen.add((k, i))
+        seen.add((round_idx, i))
         rows.append(n[i].float())
-        info.append({"round": k, "index": i, "best": best})
+        info.append({"round": round_idx, "index": i, "best": best})
     if not rows:
         return torch.zeros(0), []
     shapes = {tuple(r.shape) for r in rows}

@@ -47,15 +47,16 @@ def _verify_state(d: Path) -> Optional[str]:
     return None
 
 
-def _round_problem(path: Path, k: int, trained: bool) -> Optional[str]:
-    """Why round k's folder cannot be used again (marked, then trained), or None."""
-    d = path / "rounds" / f"{k:04d}"
+def _round_problem(path: Path, round_idx: int, trained: bool) -> Optional[str]:
+    """Why the round's folder cannot be used again (marked, then trained), or None."""
+    d = path / "rounds" / f"{round_idx:04d}"
     try:
         meta = read_json(d / "meta.json")
         n = int(meta["size"])
         gen = torch_load(d / "generated.pt")
         if "latents" not in gen or "log_probs" not in gen:
-            return f"{d / 'generated.pt'} has no trajectory left (round {k} cannot be trained again)"
+            return (f"{d / 'generated.pt'} has no trajectory left (round {round_idx} cannot be "
+                    f"trained again)")
         for i in range(n):
             if not (d / "images" / f"{i:03d}.png").is_file():
                 return f"{d / 'images' / f'{i:03d}.png'} is missing"
@@ -67,7 +68,7 @@ def _round_problem(path: Path, k: int, trained: bool) -> Optional[str]:
     except SessionError as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - anything unreadable is a damaged round
-        return f"round {k} ({d}) is damaged: {type(e).__name__}: {e}"
+        return f"round {round_idx} ({d}) is damaged: {type(e).__name__}: {e}"
     return None
 
 
@@ -123,6 +124,7 @@ def repair(path: str | Path, apply: bool = True) -> dict:
                 actions.append(f"go back to {c['dir']}: the state after round {c['round']} "
                                f"(round {c['round'] + 1} is trained again from its marks)")
             else:
+                # labels_used: the marks used (the key keeps its old name for stored sessions)
                 new.update(next_round=0, labels_used=0, best=None, state_dir=None,
                            prev_state_dir=None, history=[])
                 actions.append("no complete state left: learning restarts at round 0")
@@ -133,17 +135,17 @@ def repair(path: str | Path, apply: bool = True) -> dict:
             actions.append(f"forget the previous state {prev} (the current one is sound)")
         # 3. rounds from the one in progress on: trainable again, or archived
         target = int(new["next_round"])
-        k, archive_from = target, None
-        while (path / "rounds" / f"{k:04d}").is_dir():
-            why = _round_problem(path, k, trained=k < old_next)
-            if why is not None and not ((path / "rounds" / f"{k:04d}" / "meta.json").exists()
-                                        or k < old_next):
+        round_idx, archive_from = target, None
+        while (path / "rounds" / f"{round_idx:04d}").is_dir():
+            why = _round_problem(path, round_idx, trained=round_idx < old_next)
+            meta_file = path / "rounds" / f"{round_idx:04d}" / "meta.json"
+            if why is not None and not (meta_file.exists() or round_idx < old_next):
                 why = None  # an empty folder of a round never generated: harmless
             if why is not None:
                 problems.append(why)
-                archive_from = k
+                archive_from = round_idx
                 break
-            k += 1
+            round_idx += 1
         to_archive = []
         if archive_from is not None:
             to_archive = sorted(int(p.name) for p in (path / "rounds").iterdir()

@@ -127,7 +127,7 @@ class RepresentationTrainer:
         round's, or every round's with replay) with anchor = the best feature [C, H, W]
         (possibly from an earlier round). Each step draws ``n_triplets`` triplets (default N).
         Returns the losses."""
-        cfg = self.config
+        config = self.config
         n_img = features.shape[0]
         n = n_triplets or n_img
         f = features.to(self.device).float()
@@ -135,10 +135,10 @@ class RepresentationTrainer:
         self.net.train()
         losses = []
         fa = torch.cat([a, f])  # row 0 = anchor, row 1 + i = image i
-        for _ in range(cfg.epochs):
+        for _ in range(config.epochs):
             p, q = sample_triplets(n, good, bad, best, generator)
-            for s in range(0, n, cfg.batch_size):
-                pp, qq = p[s:s + cfg.batch_size], q[s:s + cfg.batch_size]
+            for s in range(0, n, config.batch_size):
+                pp, qq = p[s:s + config.batch_size], q[s:s + config.batch_size]
                 # embed each distinct image once and index the triplets out of it: the same loss
                 # and gradient as embedding every (a, p, n) row, at (N + 1) / (2B + 1) the cost
                 used = torch.unique(torch.cat([pp, qq]))
@@ -147,7 +147,7 @@ class RepresentationTrainer:
                 pos[used] = torch.arange(1, len(used) + 1)
                 za = z_used[:1].expand(len(pp), -1)
                 zp, zn = z_used[pos[pp]], z_used[pos[qq]]
-                loss = triplet_loss(za, zp, zn, cfg.margin, cfg.official_dim0_bug)
+                loss = triplet_loss(za, zp, zn, config.margin, config.official_dim0_bug)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("representation loss is not finite; the encoder "
                                              "update was rejected (lower repr_lr)")

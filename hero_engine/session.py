@@ -2,7 +2,7 @@
 
 Layout (every file written atomically: temp file + fsync + rename)::
 
-    <dir>/session.json            format, id, config, next round, labels used, best record,
+    <dir>/session.json            format, id, config, next round, marks used, best record,
                                   state dir (+ the previous one), info (layout, last export)
     <dir>/session.init.json       session.json as created (repair rebuilds from it if needed)
     <dir>/.lock                   the session lock (flock): one writer of session.json at a time
@@ -142,7 +142,7 @@ class HeroConfig:
     batch_size: int = 64
     steps: int = 50
     eta: float = 1.0
-    cfg: float = 5.0
+    guidance_scale: float = 5.0     # classifier-free guidance scale
     beta: float = 0.5               # best image ratio
     epsilon: float = 0.1            # noise perturbation
     fresh_ratio: float = 0.0        # not in HERO: share of each guided batch kept at N(0, I)
@@ -151,7 +151,7 @@ class HeroConfig:
     lora_targets: str = "attention_ff"  # a key of LORA_TARGETS: the layers the LoRA trains
     feature_latent: str = "x0"      # x0 | t1 (the official code's latent)
     reward_mode: str = "similarity-to-best"   # | similarity-to-all-positive
-    budget: int = 512               # feedback budget N_fb (labels)
+    budget: int = 512               # feedback budget N_fb (marks)
     max_rounds: int = 100
     seed: int = 0
     keep_trajectories: bool = False
@@ -231,6 +231,9 @@ class HeroConfig:
     @classmethod
     def from_json(cls, d: dict) -> "HeroConfig":
         d = dict(d)
+        if "cfg" in d:   # written before the guidance scale was named guidance_scale
+            d.setdefault("guidance_scale", d["cfg"])
+            del d["cfg"]
         pol = PolicyConfig(**d.pop("policy", {}))
         rep = d.pop("representation", {})
         if "head_dims" in rep:
@@ -280,6 +283,7 @@ def load_meta(path: Path) -> dict:
         raise SessionError(
             f"{f} has format version {meta['format_version']}, this ComfyUI-HERO reads version "
             f"{FORMAT_VERSION}; use a matching pack version or start a new session id")
+    # "labels_used" (the marks used) keeps its old name: stored sessions have it
     for key in ("session_id", "config", "next_round", "labels_used", "state_dir", "history"):
         if key not in meta:
             raise SessionDamaged(f"{f} is damaged (no '{key}')", f)
@@ -390,6 +394,7 @@ class Session:
         with FolderLock(path, LOCK_NAME):
             if (path / "session.json").exists():
                 raise SessionError(f"a session already exists at {path}; open it instead")
+            # "labels_used": the marks used (the key keeps its old name for stored sessions)
             meta = {"format_version": FORMAT_VERSION, "session_id": sid, "created": time.time(),
                     "config": config.to_json(), "next_round": 0, "labels_used": 0, "best": None,
                     "state_dir": None, "prev_state_dir": None, "info": info or {},
@@ -464,16 +469,18 @@ class Session:
         return self._meta["next_round"]
 
     @property
-    def labels_used(self) -> int:
+    def marks_used(self) -> int:
+        """Images marked so far (session.json's ``labels_used``: the key keeps its old name for
+        stored sessions)."""
         return self._meta["labels_used"]
 
     @property
     def budget_left(self) -> int:
-        return max(0, self.config.budget - self.labels_used)
+        return max(0, self.config.budget - self.marks_used)
 
     @property
     def done(self) -> bool:
-        return self.labels_used >= self.config.budget or self.round >= self.config.max_rounds
+        return self.marks_used >= self.config.budget or self.round >= self.config.max_rounds
 
     @property
     def best(self) -> Optional[BestRecord]:
@@ -494,11 +501,11 @@ class Session:
         """Per-round metrics of the completed rounds."""
         return list(self._meta["history"])
 
-    def round_dir(self, k: int) -> Path:
-        return self.path / "rounds" / f"{k:04d}"
+    def round_dir(self, round_idx: int) -> Path:
+        return self.path / "rounds" / f"{round_idx:04d}"
 
-    def image_path(self, k: int, i: int) -> Path:
-        return self.round_dir(k) / "images" / f"{i:03d}.png"
+    def image_path(self, round_idx: int, i: int) -> Path:
+        return self.round_dir(round_idx) / "images" / f"{i:03d}.png"
 
     def best_image_path(self) -> Optional[Path]:
         b = self.best
@@ -551,21 +558,21 @@ class Session:
             return {**res, "round": rec["round"], "last_export": rec}
 
     # -- generation
-    def save_generated(self, k: int, noises: torch.Tensor, traj, features: torch.Tensor,
+    def save_generated(self, round_idx: int, noises: torch.Tensor, traj, features: torch.Tensor,
                        images: torch.Tensor, meta: dict) -> None:
-        """Store round k's batch before anybody marks it. ``images``: [B, 3, H, W] in [0, 1]."""
-        if k != self.round:
-            raise SessionError(f"round {k} is not the round in progress ({self.round})")
-        if self.marks_for(k) is not None:
-            raise SessionError(f"round {k} was already generated and marked; train it before "
-                               f"generating a new batch")
-        d = self.round_dir(k)
+        """Store the round's batch before anybody marks it. ``images``: [B, 3, H, W] in [0, 1]."""
+        if round_idx != self.round:
+            raise SessionError(f"round {round_idx} is not the round in progress ({self.round})")
+        if self.marks_for(round_idx) is not None:
+            raise SessionError(f"round {round_idx} was already generated and marked; train it "
+                               f"before generating a new batch")
+        d = self.round_dir(round_idx)
         (d / "images").mkdir(parents=True, exist_ok=True)
         arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255
                ).round().astype(np.uint8)
         for i, a in enumerate(arr):
             buf = _png_bytes(a)
-            atomic_write_bytes(self.image_path(k, i), buf)
+            atomic_write_bytes(self.image_path(round_idx, i), buf)
         atomic_torch_save(d / "generated.pt", {
             "noises": noises.detach().cpu(), "latents": traj.latents.detach().cpu().half(),
             "log_probs": traj.log_probs.detach().cpu(), "timesteps": traj.schedule.timesteps,
@@ -585,32 +592,32 @@ class Session:
         m = read_json(d / "meta.json")
         return {"round": self.round, "meta": m, "marks": self.marks_for(self.round)}
 
-    def load_generated(self, k: int) -> dict:
-        return torch_load(self.round_dir(k) / "generated.pt")
+    def load_generated(self, round_idx: int) -> dict:
+        return torch_load(self.round_dir(round_idx) / "generated.pt")
 
-    def round_meta(self, k: int) -> dict:
-        return read_json(self.round_dir(k) / "meta.json")
+    def round_meta(self, round_idx: int) -> dict:
+        return read_json(self.round_dir(round_idx) / "meta.json")
 
     # -- marks
-    def record_marks(self, k: int, marks: Marks) -> Marks:
-        """Validate and store round k's marks (atomic + fsync). Marks are written once: a second
+    def record_marks(self, round_idx: int, marks: Marks) -> Marks:
+        """Validate and store the round's marks (atomic + fsync). Marks are written once: a second
         answer for the same round raises ``SessionError`` (the caller reports 409)."""
-        if k != self.round:
-            raise SessionError(f"round {k} is not the round waiting for marks (round {self.round}"
-                               f" is); the request is stale")
-        p = self.round_dir(k) / "meta.json"
+        if round_idx != self.round:
+            raise SessionError(f"round {round_idx} is not the round waiting for marks (round "
+                               f"{self.round} is); the request is stale")
+        p = self.round_dir(round_idx) / "meta.json"
         if not p.exists():
-            raise SessionError(f"round {k} has no generated batch to mark")
+            raise SessionError(f"round {round_idx} has no generated batch to mark")
         n = read_json(p)["size"]
         marks.validate(n, self.best is not None)
-        mp = self.round_dir(k) / "marks.json"
+        mp = self.round_dir(round_idx) / "marks.json"
         if mp.exists():
-            raise SessionError(f"round {k} already has marks; they are kept as first saved")
+            raise SessionError(f"round {round_idx} already has marks; they are kept as first saved")
         atomic_write_json(mp, {**marks.to_json(), "time": time.time()})
         return marks
 
-    def marks_for(self, k: int) -> Optional[Marks]:
-        p = self.round_dir(k) / "marks.json"
+    def marks_for(self, round_idx: int) -> Optional[Marks]:
+        p = self.round_dir(round_idx) / "marks.json"
         if not p.exists():
             return None
         d = read_json(p)
@@ -619,14 +626,15 @@ class Session:
         except MarksError as e:
             raise SessionError(f"{p} is damaged: {e}") from None
 
-    def marked_history(self, k: int, what: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    def marked_history(self, round_idx: int, what: str = "features"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature latents (``what="x0"``: final latents) [N, C, H, W] and marks [N] (1 good /
-        0 bad) of rounds 0..k-1, in order: the replay set of the representation network and of
+        0 bad) of rounds 0..round_idx-1, in order: the replay set of the representation network and of
         reward-weighted denoising. A round whose latents or marks are gone is left out."""
         feats, labels = [], []
-        for j in range(k):
-            m = self.marks_for(j)
-            p = self.round_dir(j) / "generated.pt"
+        for earlier in range(round_idx):
+            m = self.marks_for(earlier)
+            p = self.round_dir(earlier) / "generated.pt"
             if m is None or not p.exists():
                 continue
             data = torch_load(p)
@@ -714,37 +722,41 @@ class Session:
                                            "write: %s", self.session_id, ", ".join(removed))
         return removed
 
-    def complete_round(self, k: int, state: dict, metrics: dict, best: Optional[BestRecord],
-                       labels: int) -> None:
-        """Write the state after round k into a new folder, then flip the pointer atomically.
+    def complete_round(self, round_idx: int, state: dict, metrics: dict, best: Optional[BestRecord],
+                       num_marked: int) -> None:
+        """Write the state after round ``round_idx`` into a new folder, then flip the pointer
+        atomically.
 
         Order (docs/session_store.md): under the commit lock, write the files into a temp folder
         ``.state-NNNN.*.tmp`` with a manifest; under the session lock, re-read session.json, check
-        round k is still in progress, rename the folder to ``state-NNNN``, write session.json
+        the round is still in progress, rename the folder to ``state-NNNN``, write session.json
         (fsync'd: the pointer is durable), and only then delete the state folder that is now
         neither the current nor the previous one."""
         with FolderLock(self.path, COMMIT_LOCK_NAME):
-            self._check_in_progress(k)
-            name = f"state-{k + 1:04d}"
+            self._check_in_progress(round_idx)
+            name = f"state-{round_idx + 1:04d}"
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=self.path))
             try:
                 files = {}
                 for key, obj in state.items():
                     atomic_torch_save(tmp / f"{key}.pt", obj)
                     files[f"{key}.pt"] = (tmp / f"{key}.pt").stat().st_size
-                atomic_write_json(self.round_dir(k) / "metrics.json", metrics)
+                atomic_write_json(self.round_dir(round_idx) / "metrics.json", metrics)
                 with self._lock:
-                    meta = self._check_in_progress(k)
+                    meta = self._check_in_progress(round_idx)
                     cur, prev = meta.get("state_dir"), meta.get("prev_state_dir")
-                    meta.update(next_round=k + 1, labels_used=meta["labels_used"] + labels,
+                    # "labels_used": the marks used (old key name, as stored sessions have it)
+                    meta.update(next_round=round_idx + 1,
+                                labels_used=meta["labels_used"] + num_marked,
                                 best=None if best is None else dataclasses.asdict(best),
                                 state_dir=name, prev_state_dir=cur,
                                 history=list(meta["history"]) + [metrics])
                     atomic_write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION,
-                                                       "round": k, "files": files, "meta": meta})
+                                                       "round": round_idx, "files": files,
+                                                       "meta": meta})
                     fsync_dir(tmp)
                     final = self.path / name
-                    if final.exists():  # a commit of round k killed before its pointer flip
+                    if final.exists():  # a commit of this round killed before its pointer flip
                         shutil.rmtree(final)
                     os.replace(tmp, final)
                     fsync_dir(self.path)
@@ -756,22 +768,22 @@ class Session:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        if not self.config.keep_trajectories and k >= 1:
-            # repair can go back one round (to the previous state): round k's trajectory stays
-            # until round k + 1 is committed; round k - 1's bulky chain is no longer needed
-            self._drop_trajectory(k - 1)
+        if not self.config.keep_trajectories and round_idx >= 1:
+            # repair can go back one round (to the previous state): this round's trajectory stays
+            # until the next one is committed; the previous round's bulky chain is no longer needed
+            self._drop_trajectory(round_idx - 1)
 
-    def _check_in_progress(self, k: int) -> dict:
+    def _check_in_progress(self, round_idx: int) -> dict:
         with self._lock:
             meta = load_meta(self.path)
             self._meta = meta
-        if meta["next_round"] != k:
-            raise SessionError(f"cannot complete round {k}: round {meta['next_round']} is in "
-                               f"progress (another process committed it?)")
+        if meta["next_round"] != round_idx:
+            raise SessionError(f"cannot complete round {round_idx}: round {meta['next_round']} is "
+                               f"in progress (another process committed it?)")
         return meta
 
-    def _drop_trajectory(self, k: int) -> None:
-        g = self.round_dir(k) / "generated.pt"
+    def _drop_trajectory(self, round_idx: int) -> None:
+        g = self.round_dir(round_idx) / "generated.pt"
         if not g.is_file():
             return
         try:
@@ -787,7 +799,8 @@ class Session:
 
     def summary(self) -> dict:
         """What the session panel shows."""
-        return {"session_id": self.session_id, "round": self.round, "labels_used": self.labels_used,
+        # "labels_used" keeps its old name: the front end (web/js) reads it
+        return {"session_id": self.session_id, "round": self.round, "labels_used": self.marks_used,
                 "budget": self.config.budget, "best": self._meta["best"],
                 "history": self.history, "info": self.info, "pending": self.pending() is not None}
 

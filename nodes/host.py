@@ -70,7 +70,7 @@ class HeroBatch:
     latent: torch.Tensor          # [B, C, h, w] (ComfyUI LATENT samples)
     positive: Any = None
     negative: Any = None
-    cfg: float = 5.0
+    guidance_scale: float = 5.0
     steps: int = 20
     width: int = 512
     height: int = 512
@@ -82,21 +82,21 @@ class HeroBatch:
                 f"size={self.size}, reused={self.reused})")
 
 
-def _load_pending_images(session: Session, k: int, n: int) -> torch.Tensor:
+def _load_pending_images(session: Session, round_idx: int, n: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
     ims = []
     for i in range(n):
-        p = session.image_path(k, i)
+        p = session.image_path(round_idx, i)
         if not p.is_file():
-            raise SessionError(f"round {k} image {p} is missing; delete {session.round_dir(k)} to "
-                               f"generate the round again")
+            raise SessionError(f"round {round_idx} image {p} is missing; delete "
+                               f"{session.round_dir(round_idx)} to generate the round again")
         ims.append(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0))
     return torch.stack(ims)
 
 
 def generate(model, positive, negative, vae, session: Session, batch_size: int = 0,
-             steps: int = 0, cfg: float = 0.0, width: int = 512, height: int = 512,
+             steps: int = 0, guidance_scale: float = 0.0, width: int = 512, height: int = 512,
              seed: int = 0, workflow: Optional[dict] = None) -> HeroBatch:
     """HERO_Generate: sample the round's batch with the current LoRA through ComfyUI's guider
     (or re-use the round's stored batch after a restart). ``workflow``: what the node read from
@@ -113,27 +113,27 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     if positive is None or negative is None:
         raise HeroHostError("connect both positive and negative CONDITIONING (CLIP Text Encode)")
     names = lora_targets(model, session)
-    scfg = session.config
-    steps = int(steps) or scfg.steps
-    cfg = float(cfg) or scfg.cfg
-    n = int(batch_size) or scfg.batch_size
-    k = session.round
+    config = session.config
+    steps = int(steps) or config.steps
+    guidance_scale = float(guidance_scale) or config.guidance_scale
+    n = int(batch_size) or config.batch_size
+    round_idx = session.round
     pend = session.pending()
     if pend is not None:
         # a batch generated before a restart (or an earlier failed prompt): show the same images
         size = int(pend["meta"]["size"])
-        data = session.load_generated(k)
+        data = session.load_generated(round_idx)
         if "latents" not in data:
-            raise SessionError(f"round {k}'s stored batch has no trajectory; delete "
-                               f"{session.round_dir(k)} to generate it again")
+            raise SessionError(f"round {round_idx}'s stored batch has no trajectory; delete "
+                               f"{session.round_dir(round_idx)} to generate it again")
         x0 = data["latents"][:, -1].float()
         latent = model.model.process_latent_out(x0)
-        images = _load_pending_images(session, k, size)
+        images = _load_pending_images(session, round_idx, size)
         meta = pend["meta"]
         log.info("HERO: session %s round %d: re-using the batch generated before (%d images)",
-                 session.session_id, k, size)
-        return HeroBatch(session, k, size, images, latent, positive, negative,
-                         float(meta.get("cfg", cfg)), int(meta.get("steps", steps)),
+                 session.session_id, round_idx, size)
+        return HeroBatch(session, round_idx, size, images, latent, positive, negative,
+                         float(meta.get("cfg", guidance_scale)), int(meta.get("steps", steps)),
                          int(meta.get("width", width)), int(meta.get("height", height)),
                          reused=True, family=family)
     if n < 2:
@@ -154,7 +154,7 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     shape = (channels, height // 8, width // 8)
     guider = comfy.samplers.CFGGuider(mp)
     guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
+    guider.set_cfg(guidance_scale)
     progress = _progress(steps)
     out: dict = {}
 
@@ -172,7 +172,8 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
             session, make_denoiser(model_wrap, extra_args), decode, schedule, shape,
             [workflow["prompt"]] if workflow.get("prompt") else [],
             device=noise.device, progress=progress, micro_batch=GENERATE_MICRO_BATCH,
-            extra_meta={"cfg": cfg, "steps": steps, "width": width, "height": height,
+            # "cfg": the guidance scale (the key stored rounds' meta.json have)
+            extra_meta={"cfg": guidance_scale, "steps": steps, "width": width, "height": height,
                         "seed": int(seed), "family": family, "host": "comfyui",
                         "prompt_text": workflow.get("prompt") or "",
                         "negative_text": workflow.get("negative") or "",
@@ -183,8 +184,8 @@ def generate(model, positive, negative, vae, session: Session, batch_size: int =
     noise = torch.zeros((n, *shape))
     latent = guider.sample(noise, torch.zeros_like(noise), _sampler_base()(run), sigmas,
                            seed=int(seed))
-    return HeroBatch(session, k, n, out["images"], latent.cpu(), positive, negative, cfg, steps,
-                     width, height, reused=False, family=family)
+    return HeroBatch(session, round_idx, n, out["images"], latent.cpu(), positive, negative,
+                     guidance_scale, steps, width, height, reused=False, family=family)
 
 
 @dataclass
@@ -221,21 +222,22 @@ def train(model, session: Session, feedback) -> TrainResult:
         raise HeroHostError(f"the batch belongs to session '{batch.session.session_id}', not "
                             f"'{session.session_id}'")
     names = lora_targets(model, session)
-    k = session.round
-    if int(feedback.round) < k:  # already trained (e.g. the prompt ran again): nothing to do
+    round_idx = session.round
+    # already trained (e.g. the prompt ran again): nothing to do
+    if int(feedback.round) < round_idx:
         lora = session_lora(session, model, names, session.load_state(("lora",)), family)
         return TrainResult(patched_model(model, lora), {}, False,
                            f"round {feedback.round} was already trained")
-    if int(feedback.round) > k:
+    if int(feedback.round) > round_idx:
         raise HeroHostError(f"the feedback is for round {feedback.round} but session "
-                            f"'{session.session_id}' is at round {k}")
+                            f"'{session.session_id}' is at round {round_idx}")
     if batch is None or getattr(batch, "positive", None) is None:
         raise HeroHostError("the feedback carries no HERO batch with conditioning; connect HERO "
                             "Generate -> HERO Feedback -> HERO Train")
     device = mm.get_torch_device()
     progress = _progress(100)
-    log.info("HERO: session %s round %d: training (%d marks)", session.session_id, k,
-             feedback.marks.count)
+    log.info("HERO: session %s round %d: training (%d marks)", session.session_id, round_idx,
+             feedback.marks.num_marked)
     with torch.inference_mode(False), torch.enable_grad():
         # once, outside inference mode (the optimizer's state is updated in place): the LoRA,
         # the optimizer, the encoder, the best, the pool
@@ -256,11 +258,12 @@ def train(model, session: Session, feedback) -> TrainResult:
         sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", max(1, len(plan.trajectory.schedule))).cpu()
         guider = comfy.samplers.CFGGuider(mp)
         guider.set_conds(batch.positive, batch.negative)
-        scfg = session.config
-        # reward-weighted denoising trains the conditional prediction alone: at cfg 1 ComfyUI
-        # skips the unconditional pass (unless extra samples must be drawn with guidance)
-        conditional_only = scfg.update == "rwr" and scfg.extra_samples(len(plan.trajectory)) == 0
-        guider.set_cfg(1.0 if conditional_only else float(batch.cfg))
+        config = session.config
+        # reward-weighted denoising trains the conditional prediction alone: at guidance scale 1
+        # ComfyUI skips the unconditional pass (unless extra samples must be drawn with guidance)
+        conditional_only = (config.update == "rwr"
+                            and config.extra_samples(len(plan.trajectory)) == 0)
+        guider.set_cfg(1.0 if conditional_only else float(batch.guidance_scale))
         res: dict = {}
 
         def run(model_wrap, extra_args, noise):
@@ -282,7 +285,7 @@ def train(model, session: Session, feedback) -> TrainResult:
                                            {"host": "comfyui", "family": family})
     del mp, params, popt
     return TrainResult(patched_model(model, new), metrics, True,
-                       f"round {k} trained")
+                       f"round {round_idx} trained")
 
 
 def apply_lora(model, session: Session, strength: float = 1.0):
@@ -372,14 +375,15 @@ def export_lora(session: Session, prefix, dtype="fp16", author: str = "") -> dic
                                   f"first export comes after round 0 is trained (HERO Train)")
         state = _stored_lora(s, st)
         path = export_path(prefix, s.round)
-        cfg = s.config
+        config = s.config
         md = {"hero_session_id": s.session_id, "hero_round": str(s.round),
-              "hero_labels_used": str(s.labels_used), "hero_method": cfg.method,
-              "hero_config": json.dumps(cfg.to_json(), sort_keys=True),
+              # "hero_labels_used": the marks used (the key's old name, as exported files have it)
+              "hero_labels_used": str(s.marks_used), "hero_method": config.method,
+              "hero_config": json.dumps(config.to_json(), sort_keys=True),
               "hero_base_model": state.base_model, "hero_family": state.family,
               "hero_best": json.dumps(s.best.__dict__ if s.best else None),
               "ss_training_comment": f"HERO online human-feedback RL, session {s.session_id}, "
-                                     f"{s.round} rounds, {s.labels_used} labels"}
+                                     f"{s.round} rounds, {s.marks_used} labels"}
         base = s.info.get("base_checkpoint") or state.base_model
         card, sidecar = session_card(s, state.family, base_model=base, author=author)
         md.update(card)
@@ -406,7 +410,8 @@ def export_preferences(session: Session) -> dict:
     from ..hero_engine.publish import export_preferences as write
     with session.locked():
         session.refresh()
-        if not any(session.marks_for(k) is not None for k in range(session.round + 1)):
+        if not any(session.marks_for(round_idx) is not None
+                   for round_idx in range(session.round + 1)):
             raise NothingToExport(f"session '{session.session_id}' has no marked round yet")
         path = Path(session.path) / "exports" / f"preferences_r{session.round:04d}.jsonl"
         res = write(session, path)

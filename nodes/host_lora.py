@@ -31,12 +31,12 @@ def session_lora(session: Session, model, names: list[str], state: Optional[dict
     """The session's current LoRA, checked against ``model`` (or the round-0 init).
     ``state``: the session's learned state if the caller has loaded it (else it is read here);
     ``family``: the model's, if the caller has checked it."""
-    cfg = session.config
+    config = session.config
     st = session.load_state(("lora",)) if state is None else state
     tensors = st.get("lora")
     family = family or model_family(model)
     if tensors is None:
-        return initial_lora(model, names, cfg.lora_rank, cfg.lora_alpha, cfg.seed, family)
+        return initial_lora(model, names, config.lora_rank, config.lora_alpha, config.seed, family)
     have = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".down", ".up"))}
     if have != set(names):
         extra, missing = sorted(have - set(names)), sorted(set(names) - have)

@@ -8,7 +8,7 @@ engine's rules, **writes them to the session on disk**, and only then wakes the 
 concurrent submissions give one 200 and one 409.
 
 The session is a ``hero_engine.session.Session``; this module uses its ``session_id``,
-``record_marks(round_idx, marks)``, ``marks_for(round_idx) -> Marks | None``, ``labels_used`` and
+``record_marks(round_idx, marks)``, ``marks_for(round_idx) -> Marks | None``, ``marks_used`` and
 ``config.budget``, and tells a stale request by the engine's ``SessionError``.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _session_id(session) -> str:
     return str(getattr(session, "session_id", "") or "")
 
 
-def _labels_used(session) -> Optional[int]:
-    v = getattr(session, "labels_used", None)
+def _marks_used(session) -> Optional[int]:
+    v = getattr(session, "marks_used", None)
     try:
         v = v() if callable(v) else v
         return None if v is None else int(v)
@@ -54,8 +54,8 @@ def _labels_used(session) -> Optional[int]:
 
 
 def _budget(session) -> Optional[int]:
-    cfg = getattr(session, "config", None)
-    v = getattr(cfg, "budget", None) if cfg is not None else None
+    config = getattr(session, "config", None)
+    v = getattr(config, "budget", None) if config is not None else None
     try:
         return None if v is None else int(v)
     except (TypeError, ValueError):
@@ -104,7 +104,7 @@ class PendingRequest:
             "n": self.n,
             "current_best": dict(self.current_best) if self.current_best else None,
             "has_current_best": self.has_current_best,
-            "labels_used": _labels_used(self.session),
+            "labels_used": _marks_used(self.session),   # old key name: web/js reads it
             "budget": _budget(self.session),
             "created": self.created,
         }
@@ -249,8 +249,8 @@ class MarksRegistry:
             req.event.set()
             self._finish_locked(req)
         self._notify("hero.answered", {"token": token, "session": req.session_id,
-                                       "round": req.round, "saved": marks.count})
-        return 200, {"saved": marks.count, "token": token, "session": req.session_id,
+                                       "round": req.round, "saved": marks.num_marked})
+        return 200, {"saved": marks.num_marked, "token": token, "session": req.session_id,
                      "round": req.round}
 
     def cancel(self, token: str, reason: str = "cancelled") -> bool:

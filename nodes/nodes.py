@@ -114,6 +114,10 @@ def runs_before_train(prompt, unique_id) -> bool:
         return False
 
 
+# config fields the HERO Session node shows under another widget name
+_WIDGET_NAMES = {"guidance_scale": "cfg"}
+
+
 def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
     """The settings of ``b`` that an existing session ``a`` keeps its own value for (the memory
     settings are the machine's, not the session's: they always apply, so never listed)."""
@@ -125,7 +129,7 @@ def _config_diff(a: HeroConfig, b: HeroConfig) -> list[str]:
             out += [f"{k}.{kk}" for kk in sorted(da[k])
                     if da[k].get(kk) != db.get(k, {}).get(kk) and f"{k}.{kk}" not in skip]
         elif da.get(k) != db.get(k):
-            out.append(k)
+            out.append(_WIDGET_NAMES.get(k, k))
     return out
 
 
@@ -276,8 +280,9 @@ class HERO_Session(io.ComfyNode):
                 gradient_checkpointing=False, chains_on="cpu", mixed_precision="auto",
                 release_models=True) -> io.NodeOutput:
         session_id = str(session_id).strip()
+        # cfg: the guidance scale, by the widget name that saved workflows use
         config = HeroConfig(method=method, batch_size=int(batch_size), steps=int(steps),
-                            cfg=float(cfg), beta=float(beta), epsilon=float(epsilon),
+                            guidance_scale=float(cfg), beta=float(beta), epsilon=float(epsilon),
                             lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
                             budget=int(budget), seed=int(seed),
                             policy=PolicyConfig(lr=float(learning_rate),
@@ -292,7 +297,7 @@ class HERO_Session(io.ComfyNode):
         s, created, diff = open_session(session_id, config, repair=bool(repair))
         s.config = with_memory_settings(s.config, **memory)   # the machine's, not the session's
         lines = [f"session {s.session_id}: {'created' if created else 'resumed'}, round {s.round}, "
-                 f"{s.labels_used}/{s.config.budget} labels used", memory_line(s.config.policy)]
+                 f"{s.marks_used}/{s.config.budget} labels used", memory_line(s.config.policy)]
         if diff:
             lines.append("kept the session's own settings for: " + ", ".join(diff))
             log.info("HERO: session %s keeps its settings (%s)", s.session_id, ", ".join(diff))
@@ -348,8 +353,9 @@ class HERO_Generate(io.ComfyNode):
         from . import host
         hidden = getattr(cls, "hidden", None)
         wf = trace_workflow(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
-        b = host.generate(model, positive, negative, vae, session, batch_size, steps, cfg,
-                          width, height, seed, workflow=wf)
+        # cfg: the guidance scale, by the widget name that saved workflows use
+        b = host.generate(model, positive, negative, vae, session, batch_size, steps,
+                          guidance_scale=cfg, width=width, height=height, seed=seed, workflow=wf)
         if b.reused:
             text = f"round {b.round}: the {b.size} images generated before (re-used)"
         else:
@@ -406,6 +412,7 @@ class HERO_Train(io.ComfyNode):
         m = r.metrics
         text = r.message
         if r.trained:
+            # the round's metrics keep their old key names ("labels", "labels_used": marks)
             text += (f": {m.get('labels')} marks ({m.get('labels_used')}/{session.config.budget}"
                      f" used), good rate {m.get('good_rate', 0):.2f}, policy loss "
                      f"{m.get('policy_loss', float('nan')):.3g}; {phase_times(m)}")

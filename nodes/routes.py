@@ -280,6 +280,7 @@ class SessionViews:
         d = s.summary()
         hist = d.get("history") or []
         d["good_rate"] = [h.get("good_rate") for h in hist]
+        # "labels": each round's marks (the history's and the front end's old key name)
         d["labels_per_round"] = [h.get("labels") for h in hist]
         bp = s.best_image_path()
         d["best_url"] = (f"/hero/session/{s.session_id}/best.png"

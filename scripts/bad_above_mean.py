@@ -21,7 +21,7 @@ for task_name in ("colour", "count", "spatial", "removal"):
                                   encoder_epochs=BENCH_ENCODER_EPOCHS, encoder_lr=BENCH_ENCODER_LR)
             toy, task, be = toy_backend(spec)
             shutil.rmtree(f"/tmp/hero_bad_above_{task_name}", ignore_errors=True)
-            s = Session.create(f"/tmp/hero_bad_above_{task_name}", toy_config(spec, 6, be.cfg))
+            s = Session.create(f"/tmp/hero_bad_above_{task_name}", toy_config(spec, 6, be.guidance_scale))
             ev = SimulatedEvaluator(task.score, task.threshold)
             b = loop.generate_round(s, be.denoiser(), be.decode, be.schedule(6), be.latent_shape, be.prompts)
             m, _ = ev.query(b.images, be.prompts, None)

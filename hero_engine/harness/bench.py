@@ -97,8 +97,9 @@ def load_evaluator(spec: str):
 
 
 def success_at(curve: list[dict], marks: int, key: str = "success") -> Optional[float]:
-    """Success measured at the last evaluation with at most ``marks`` labels (None when the
-    session's budget stopped short of ``marks``)."""
+    """Success measured at the last evaluation with at most ``marks`` marks (None when the
+    session's budget stopped short of ``marks``). A curve point's ``"labels"`` is the marks so
+    far: the key keeps its old name, as stored bench results have it."""
     if max(p["labels"] for p in curve) < marks:
         return None
     pts = [p for p in curve if p.get(key) is not None and p["labels"] <= marks]
@@ -301,12 +302,13 @@ def plot(results: list[dict], out: Path) -> list[Path]:
                         and person_name(r.get("flip_rate", 0.0)) == person]
                 if not runs:
                     continue
-                labels = sorted({p["labels"] for r in runs for p in r["curve"]
-                                 if p["success"] is not None})
+                # a curve point's "labels": the marks so far (the stored results' key)
+                marks = sorted({p["labels"] for r in runs for p in r["curve"]
+                                if p["success"] is not None})
                 ys = [_median([next((p["success"] for p in r["curve"] if p["labels"] == x
                                      and p["success"] is not None), None) for r in runs])
-                      for x in labels]
-                series[method] = (labels, ys)
+                      for x in marks]
+                series[method] = (marks, ys)
             suffix = "" if person == "exact" else "_" + person.replace(" ", "").replace("%", "pc")
             p = out / f"bench_{task}{suffix}.png"
             line_plot(series, title=f"toy task '{task}' ({person}): median success on fresh "

@@ -21,7 +21,7 @@ def demo(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds of --batch-size marks (default 2: under 3 minutes on 2 CPU cores)")
     ap.add_argument("--budget", type=int, default=None,
-                    help="feedback budget in labels (overrides --rounds: rounds = budget / batch)")
+                    help="feedback budget in marks (overrides --rounds: rounds = budget / batch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=128,
@@ -90,7 +90,7 @@ def repair(argv: list[str]) -> int:
         except SessionError as e:
             print(f"the session still does not open: {e}", file=sys.stderr)
             return 1
-        print(f"session {s.session_id}: round {s.round} in progress, {s.labels_used} labels used")
+        print(f"session {s.session_id}: round {s.round} in progress, {s.marks_used} labels used")
     return 0
 
 

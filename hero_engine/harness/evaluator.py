@@ -27,7 +27,7 @@ class SimulatedEvaluator:
 
     score_fn: Callable[[Tensor, list[str]], Tensor]
     threshold: float
-    labels_used: int = field(default=0)
+    marks_used: int = field(default=0)
     flip_rate: float = 0.0
     seed: int = 0
     _gen: Optional[torch.Generator] = field(default=None, repr=False)
@@ -59,5 +59,5 @@ class SimulatedEvaluator:
         # the best for good, and similarity to it rewards that one image's size and place
         best = top if current_best_score is None or float(scores[top]) >= current_best_score else None
         marks = Marks.from_good(n, good, best).validate(n, current_best_score is not None)
-        self.labels_used += marks.count
+        self.marks_used += marks.num_marked
         return marks, scores

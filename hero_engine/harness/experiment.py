@@ -89,9 +89,9 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
     if prompt is None:
         raise ValueError(f"unknown task {spec.task!r}: choose one of {sorted(TASKS)} or give "
                          f"--prompt with --evaluator")
-    scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_cfg
+    scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_guidance_scale
     be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
-                          toy.latent_shape, [prompt], cfg=scale, rank=4, alpha=4.0, family="toy",
+                          toy.latent_shape, [prompt], guidance_scale=scale, rank=4, alpha=4.0, family="toy",
                           device=device, lora_seed=spec.seed,
                           targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
                               k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
@@ -123,7 +123,7 @@ def toy_config(spec: ExperimentSpec, steps: int, guidance_scale: float) -> HeroC
     if spec.reward_features is not None:
         extra["reward_features"] = spec.reward_features
     return HeroConfig(method=spec.method, batch_size=spec.batch_size, steps=steps,
-                      cfg=guidance_scale,
+                      guidance_scale=guidance_scale,
                       budget=spec.rounds * spec.batch_size,
                       max_rounds=spec.rounds, seed=spec.seed,
                       policy=PolicyConfig(**{
@@ -177,7 +177,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         import shutil
         shutil.rmtree(sess_dir)
     t_start, cpu_start, eval_seconds = time.time(), time.process_time(), [0.0]
-    session = Session.create(sess_dir, toy_config(spec, steps, be.cfg), info={"task": spec.task, "prompt": prompt})
+    session = Session.create(sess_dir, toy_config(spec, steps, be.guidance_scale), info={"task": spec.task, "prompt": prompt})
     ev = SimulatedEvaluator(score_fn, threshold, flip_rate=spec.flip_rate, seed=spec.seed)
 
     def measure(label: str, n: int) -> dict:
@@ -190,7 +190,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
     # The LoRA starts at zero (B = 0), so every method and seed of a task starts from the same
     # model and the same evaluation draws: measure the base once per process.
     base_key = (spec.task, prompt, score_fn, threshold,
-                spec.eval_seed, spec.eval_n, steps, be.cfg, str(device))
+                spec.eval_seed, spec.eval_n, steps, be.guidance_scale, str(device))
     if base_key not in _BASE_EVALS:
         _BASE_EVALS[base_key] = measure("before", spec.eval_n)
     first = _BASE_EVALS[base_key]
@@ -225,25 +225,27 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                                 extra_true_good=truth.mean().item())
 
     last = first
-    for r in range(spec.rounds):
+    for round_idx in range(spec.rounds):
         t0 = time.time()
         m = loop.run_round(session, be, query, inspect=inspect)
         curve[-1]["session_success"] = seen["session_success"]
-        final = r == spec.rounds - 1
-        do_eval = (spec.eval_every and (r + 1) % spec.eval_every == 0) or final
-        point = {"labels": session.labels_used, "round": r + 1, "good_rate": m["good_rate"],
+        final = round_idx == spec.rounds - 1
+        do_eval = (spec.eval_every and (round_idx + 1) % spec.eval_every == 0) or final
+        # "labels" (the marks so far) keeps its old name: stored bench JSON is read back
+        point = {"labels": session.marks_used, "round": round_idx + 1,
+                 "good_rate": m["good_rate"],
                  "reward_std": m.get("reward_std"), "success": None, "diversity": None,
                  "session_success": None, "bad_above_mean": m.get("bad_above_mean"),
                  "clipfrac": m.get("policy_clipfrac"),
                  "extra_label_accuracy": m.get("extra_label_accuracy")}
         if do_eval:
             n = spec.eval_n if final else (spec.eval_n_mid or spec.eval_n)
-            last = measure(f"round {r}", n)
+            last = measure(f"round {round_idx}", n)
             point.update(success=last["success"], diversity=last["diversity"], eval_n=n)
         curve.append(point)
         succ = "" if point["success"] is None else f"success {point['success']:.3f}  "
-        log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {r + 1}/{spec.rounds}  "
-            f"marks {session.labels_used}  good rate {m['good_rate']:.3f}  "
+        log(f"[{spec.task}/{spec.method}/s{spec.seed}] round {round_idx + 1}/{spec.rounds}  "
+            f"marks {session.marks_used}  good rate {m['good_rate']:.3f}  "
             f"reward spread {m['reward_std']:.4f}  {succ}{time.time() - t0:.1f}s")
     # the batch the person would see next (not marked, not stored): session success at the end
     noises, _ = loop.plan_initial_noise(session, tuple(be.latent_shape))
@@ -256,8 +258,9 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
               "overrides": {k: v for k, v in spec.hero.items()}, "flip_rate": spec.flip_rate,
               "seed": spec.seed, "prompt": prompt,
               "eval_n": spec.eval_n, "batch_size": spec.batch_size, "steps": steps,
-              "cfg": be.cfg, "curve": curve, "success_before": first["success"],
-              "success_after": last["success"], "marks": session.labels_used,
+              # "cfg": the guidance scale (the key stored bench results have)
+              "cfg": be.guidance_scale, "curve": curve, "success_before": first["success"],
+              "success_after": last["success"], "marks": session.marks_used,
               "diversity_before": first["diversity"], "diversity_after": last["diversity"],
               "session": str(sess_dir),
               # the session's cost: wall time, and this process's CPU time (what a core spent on
@@ -269,7 +272,7 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         path = out_dir / f"hero_{spec.task}_r{session.round:02d}.safetensors"
         export_kohya(session.load_lora(), path, metadata={
             "hero_session_id": session.session_id, "hero_rounds": str(session.round),
-            "hero_marks_used": str(session.labels_used), "hero_prompts": json.dumps([prompt]),
+            "hero_marks_used": str(session.marks_used), "hero_prompts": json.dumps([prompt]),
             "hero_task": spec.task})
         result["lora"] = str(path)
     (out_dir / f"result-{tag}.json").write_text(

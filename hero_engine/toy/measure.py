@@ -31,21 +31,22 @@ def _backend(model: ToyModel) -> DiffusersBackend:
     be = _BACKENDS.get(model)
     if be is None:
         be = DiffusersBackend(copy.deepcopy(model.unet), model.encode_prompts, model.decode,
-                              model.alphas_cumprod, model.latent_shape, [""], model.default_cfg,
+                              model.alphas_cumprod, model.latent_shape, [""], model.default_guidance_scale,
                               device=model.device)
         _BACKENDS[model] = be
     return be
 
 
 def sample_images(model: ToyModel, prompt: str, n: int, seed: int, steps: int | None = None,
-                  cfg: float | None = None, eta: float | None = None, batch: int = 64) -> Tensor:
+                  guidance_scale: float | None = None, eta: float | None = None,
+                  batch: int = 64) -> Tensor:
     """``n`` images [n, 3, 32, 32] in [0, 1] for one prompt; reproducible from ``seed``
     (``DiffusersBackend.sample_fresh``, ``batch`` chains at a time)."""
     steps = steps or model.default_steps
-    cfg = model.default_cfg if cfg is None else cfg
+    guidance_scale = model.default_guidance_scale if guidance_scale is None else guidance_scale
     eta = model.default_eta if eta is None else eta
     be = _backend(model)
-    be.cfg = float(cfg)
+    be.guidance_scale = float(guidance_scale)
     return be.sample_fresh(n, steps, seed, eta=eta, prompts=[prompt], micro_batch=batch)
 
 
@@ -65,14 +66,14 @@ def save_grid(images: Tensor, ok: Tensor, path: str | Path, cols: int = 8, scale
 
 
 def measure(model: ToyModel, n: int = 256, seed: int = 1234, tasks=None, grid_dir=None, steps=None,
-            cfg=None) -> dict:
+            guidance_scale=None) -> dict:
     """Success rate per task on ``n`` fresh samples (task k uses seed + k)."""
     res = {}
     for k, name in enumerate(tasks or TASKS):
         task = TASKS[name]
         t0 = time.time()
-        c = cfg if cfg is not None else task.cfg
-        imgs = sample_images(model, task.prompt, n, seed + k, steps=steps, cfg=c)
+        scale = guidance_scale if guidance_scale is not None else task.guidance_scale
+        imgs = sample_images(model, task.prompt, n, seed + k, steps=steps, guidance_scale=scale)
         scores = task.score(imgs, [task.prompt] * n)
         ok = scores >= task.threshold
         res[name] = dict(success=float(ok.float().mean()), mean_score=float(scores.mean()),

@@ -39,6 +39,7 @@ def default_config() -> dict:
         "text_encoder": dict(TEXT_CONFIG, vocab=vocabulary()),
         "scheduler": dict(SCHEDULE_CONFIG),
         "latent_shape": [3, 32, 32],
+        # "default_cfg": the default guidance scale (the key toy_model.json has)
         "default_steps": 20, "default_cfg": 3.0, "default_eta": 1.0,
     }
 
@@ -56,7 +57,8 @@ def make_alphas_cumprod(sched: dict) -> Tensor:
 
 
 class ToyModel:
-    """UNet + text encoder + schedule; ``denoiser(prompts, cfg)`` gives the engine's Denoiser."""
+    """UNet + text encoder + schedule; ``denoiser(prompts, guidance_scale)`` gives the engine's
+    Denoiser."""
 
     def __init__(self, config: dict, unet=None, text_encoder=None):
         from diffusers import UNet2DConditionModel
@@ -70,7 +72,7 @@ class ToyModel:
         self.alphas_cumprod = make_alphas_cumprod(config["scheduler"])
         self.latent_shape = tuple(config["latent_shape"])
         self.default_steps = int(config.get("default_steps", 20))
-        self.default_cfg = float(config.get("default_cfg", 3.0))
+        self.default_guidance_scale = float(config.get("default_cfg", 3.0))
         self.default_eta = float(config.get("default_eta", 1.0))
 
     @property
@@ -98,11 +100,11 @@ class ToyModel:
         """Latent (VP space, [-1, 1] scale) -> images in [0, 1]."""
         return ((x + 1) / 2).clamp(0, 1)
 
-    def denoiser(self, prompts: list[str], cfg: float | None = None) -> Callable:
+    def denoiser(self, prompts: list[str], guidance_scale: float | None = None) -> Callable:
         """The engine's Denoiser: ``eps = d(x, t, alpha_bar, index)`` with CFG
-        ``eps_u + cfg * (eps_c - eps_u)``. ``index`` picks each sample's prompt (one prompt broadcasts).
+        ``eps_u + guidance_scale * (eps_c - eps_u)``. ``index`` picks each sample's prompt (one prompt broadcasts).
         Prompt embeddings are computed once, without grad; gradients flow through the UNet."""
-        cfg = self.default_cfg if cfg is None else float(cfg)
+        scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         prompts = list(prompts)
         if not prompts:
             raise ValueError("denoiser needs at least one prompt")
@@ -119,13 +121,13 @@ class ToyModel:
                 c = cond[torch.as_tensor(index, device=cond.device).long()]
             xin = x.to(cond.dtype)
             t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(b)
-            if cfg == 1.0:
+            if scale == 1.0:
                 eps = unet(xin, t, encoder_hidden_states=c).sample
             else:
                 u = uncond.expand(b, -1, -1)
                 eps_u, eps_c = unet(torch.cat([xin, xin]), torch.cat([t, t]),
                                     encoder_hidden_states=torch.cat([u, c])).sample.chunk(2)
-                eps = eps_u + cfg * (eps_c - eps_u)
+                eps = eps_u + scale * (eps_c - eps_u)
             return eps.to(x.dtype)
 
         return denoise

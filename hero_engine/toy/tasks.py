@@ -150,7 +150,7 @@ class ToyTask:
     threshold: float
     score_fn: Callable[[Tensor, list], Tensor] = field(repr=False)
     fail_score: float = -1.0  # the score of a noise image (busier than MAX_FG_FRACTION)
-    cfg: float | None = None  # per-task guidance scale (None = the model's default)
+    guidance_scale: float | None = None  # per-task guidance scale (None = the model's default)
 
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """[B] float scores (higher = better) for images [B, 3, H, W] in [0, 1]."""

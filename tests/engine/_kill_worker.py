@@ -40,7 +40,7 @@ elif mode == "in-commit":
     s.record_marks(b.round, ev.query(b.images, be.prompts, 1.0)[0])
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
-    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
+    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
     real = session_mod.atomic_torch_save
     n = [0]
 
@@ -51,7 +51,7 @@ elif mode == "in-commit":
             flag.write_text("COMMITTING")
             time.sleep(600)
     session_mod.atomic_torch_save = slow
-    loop.complete_round(s, plan, be.lora_state(), popt)
+    loop.complete_round(s, plan, be.lora_tensors(), popt)
 elif mode == "in-export":
     def write(st, s_):
         out = path.parent / "exp.bin"

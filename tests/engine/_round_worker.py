@@ -33,7 +33,7 @@ marks, _ = ev.query(batch.images, be.prompts, 1.0)
 session.record_marks(batch.round, marks)
 plan = loop.prepare_learning(session)
 popt = be.policy_optimizer(session)
-den, cond = be.denoiser(), be.denoiser(cfg=1.0)   # the guided and the conditional prediction
+den, cond = be.denoiser(), be.denoiser(guidance_scale=1.0)   # the guided and the conditional prediction
 if mode == "kill-in-training":
     def slow(f):
         def g(*a, **k):
@@ -44,5 +44,5 @@ if mode == "kill-in-training":
     loop.apply_policy_update(session, plan, slow(den), popt, conditional=slow(cond))
     raise SystemExit("should have been killed")
 loop.apply_policy_update(session, plan, den, popt, conditional=cond)
-loop.complete_round(session, plan, be.lora_state(), popt)
+loop.complete_round(session, plan, be.lora_tensors(), popt)
 print("done")

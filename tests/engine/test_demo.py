@@ -59,7 +59,7 @@ def test_toy_export_reproduces_session_model_in_diffusers(tmp_path):
     ctx = be.encode_prompts(["a shape", "three circles"])
     with torch.no_grad():
         ref = be.unet(x, t, encoder_hidden_states=ctx).sample
-        be.load_lora_state(None)  # zero LoRA: the base model
+        be.load_lora_tensors(None)  # zero LoRA: the base model
         base = be.unet(x, t, encoder_hidden_states=ctx).sample
     assert (ref - base).abs().max() > 1e-3  # the trained LoRA changes the output
 

@@ -23,7 +23,7 @@ def _fixed_loss(be, x0, schedule, seed=0):
     steps = torch.arange(T).repeat_interleave(n)
     noise = torch.randn(x.shape, generator=g)
     with torch.no_grad():
-        return denoising_loss(be.denoiser(cfg=1.0), x, torch.ones(len(x)), schedule, steps, noise,
+        return denoising_loss(be.denoiser(guidance_scale=1.0), x, torch.ones(len(x)), schedule, steps, noise,
                               torch.zeros(len(x), dtype=torch.long)).item()
 
 
@@ -45,7 +45,7 @@ def test_update_lowers_the_loss_of_the_good_images_and_skips_zero_weights():
     w = torch.tensor([1.0, 1.0, 1.25, 0.0])
     before = _fixed_loss(be, good, sched)
     popt = PolicyOptimizer(be.lora_parameters(), PolicyConfig(lr=3e-3, train_batch_size=2))
-    m = denoise_update(be.denoiser(cfg=1.0), x0, w, sched, popt, torch.Generator().manual_seed(0),
+    m = denoise_update(be.denoiser(guidance_scale=1.0), x0, w, sched, popt, torch.Generator().manual_seed(0),
                        steps=30, samples_per_step=4)
     after = _fixed_loss(be, good, sched)
     assert m["optimizer_steps"] == 30 and m["backward_passes"] == 60
@@ -56,15 +56,15 @@ def test_a_non_finite_update_is_rejected_and_the_lora_kept():
     be = tiny_backend()
     sched = be.schedule(4)
     popt = PolicyOptimizer(be.lora_parameters(), PolicyConfig(lr=1e-3, train_batch_size=2))
-    before = be.lora_state()
+    before = be.lora_tensors()
     x0 = torch.full((2, 4, 8, 8), float("nan"))
     with pytest.raises(UpdateRejected, match="previous LoRA kept"):
-        denoise_update(be.denoiser(cfg=1.0), x0, torch.ones(2), sched, popt,
+        denoise_update(be.denoiser(guidance_scale=1.0), x0, torch.ones(2), sched, popt,
                        torch.Generator().manual_seed(0), steps=2, samples_per_step=2)
-    after = be.lora_state()
+    after = be.lora_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="positive weight"):
-        denoise_update(be.denoiser(cfg=1.0), torch.zeros((2, 4, 8, 8)), torch.zeros(2), sched,
+        denoise_update(be.denoiser(guidance_scale=1.0), torch.zeros((2, 4, 8, 8)), torch.zeros(2), sched,
                        popt, torch.Generator().manual_seed(0), steps=2, samples_per_step=2)
 
 
@@ -74,7 +74,7 @@ def test_cfg_one_is_the_conditional_prediction_alone():
     t = torch.tensor([500, 20])
     ab = be.alphas_cumprod[t]
     idx = torch.zeros(2, dtype=torch.long)
-    cond_only = be.denoiser(cfg=1.0)(x, t, ab, idx)
+    cond_only = be.denoiser(guidance_scale=1.0)(x, t, ab, idx)
     with torch.no_grad():
         direct = be.unet(x, t, encoder_hidden_states=be._cond.expand(2, -1, -1)).sample
     assert torch.allclose(cond_only, direct, atol=1e-5)
@@ -89,16 +89,16 @@ def test_cfg_one_is_the_conditional_prediction_alone():
 def test_every_marked_good_image_so_far_is_imitated(tmp_path, method):
     torch.set_num_threads(1)
     be = tiny_backend()
-    cfg = tiny_config(method=method, feature_latent="t1",
-                      policy=PolicyConfig(lr=1e-3, train_batch_size=2, grad_accum=2,
-                                          denoise_steps=3))
-    s = Session.create(tmp_path / method, cfg)
+    config = tiny_config(method=method, feature_latent="t1",
+                         policy=PolicyConfig(lr=1e-3, train_batch_size=2, grad_accum=2,
+                                             denoise_steps=3))
+    s = Session.create(tmp_path / method, config)
     ev = evaluator()
     goods = 0
     for k in range(2):
         m = loop.run_round(s, be, query_fn(be, ev, s))
         goods += m["good"]
-        assert m["policy_denoise_pool"] == (k + 1) * cfg.batch_size
+        assert m["policy_denoise_pool"] == (k + 1) * config.batch_size
         assert m["policy_denoise_images"] == goods
         assert m["policy_optimizer_steps"] == 3
     # with t1 features the final latents are stored beside them and outlive the chain
@@ -107,7 +107,7 @@ def test_every_marked_good_image_so_far_is_imitated(tmp_path, method):
     assert x0.shape == f.shape and not torch.allclose(x0, f)
     assert int(y.sum()) == goods
     last = s.load_generated(1)
-    assert torch.allclose(x0[cfg.batch_size:], last["x0"].float())
+    assert torch.allclose(x0[config.batch_size:], last["x0"].float())
 
 
 def test_lora_targets_setting_and_old_sessions():

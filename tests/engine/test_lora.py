@@ -41,9 +41,9 @@ def inputs():
     return x, t, c
 
 
-def make_unet(cfg, seed=0):
+def make_unet(unet_config, seed=0):
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg).eval()
+    unet = UNet2DConditionModel(**unet_config).eval()
     unet.requires_grad_(False)
     return unet
 
@@ -54,9 +54,9 @@ def run(unet, inputs):
         return unet(x, t, c).sample
 
 
-def trained_unet(cfg, rank=4, alpha=4.0, seed=0, up_std=0.3, family="sd15"):
+def trained_unet(unet_config, rank=4, alpha=4.0, seed=0, up_std=0.3, family="sd15"):
     """A base UNet + peft LoRA with random non-zero up weights (as after training)."""
-    unet = make_unet(cfg, seed)
+    unet = make_unet(unet_config, seed)
     base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
     L.add_lora(unet, rank=rank, alpha=alpha, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
@@ -67,8 +67,8 @@ def trained_unet(cfg, rank=4, alpha=4.0, seed=0, up_std=0.3, family="sd15"):
     return unet, base_sd
 
 
-def fresh_unet(cfg, base_sd):
-    unet = UNet2DConditionModel(**cfg).eval()
+def fresh_unet(unet_config, base_sd):
+    unet = UNet2DConditionModel(**unet_config).eval()
     unet.load_state_dict(base_sd)
     return unet
 
@@ -198,10 +198,10 @@ def test_sessions_from_older_versions_still_open(tmp_path):
         for p in be.lora_parameters().values():
             p.add_(0.01)
     params = {n: p.detach().float().clone() for n, p in be.lora_parameters().items()}
-    now = be.lora_state()
+    now = be.lora_tensors()
     be2 = tiny_backend()
-    be2.load_lora_state(params)
-    again = be2.lora_state()
+    be2.load_lora_tensors(params)
+    again = be2.lora_tensors()
     assert list(again) == list(now) and all(torch.equal(now[k], again[k]) for k in now)
 
 

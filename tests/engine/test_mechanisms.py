@@ -356,7 +356,7 @@ def test_simulated_evaluator_follows_the_rules():
     assert len(m.good) == 1 and len(m.bad) == 3
     m, _ = ev.query(imgs * 0 + 1, [""] * 4, None)  # all pass: one is bad anyway
     assert len(m.bad) == 1
-    assert ev.labels_used == 16
+    assert ev.marks_used == 16
 
 
 def test_reward_features_trunk_or_head():

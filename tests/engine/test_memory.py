@@ -80,8 +80,8 @@ def _train(s, be):
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
     with be.training(s.config.policy):
-        m = loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
-    return plan, m, be.lora_state()
+        m = loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
+    return plan, m, be.lora_tensors()
 
 
 @pytest.mark.parametrize("method", ["ddpo-binary", "hero"])
@@ -89,7 +89,7 @@ def test_memory_modes_learn_the_same_lora(tmp_path, method):
     """Micro-batch 1 instead of 2, chains on the CPU or the device, checkpointing on or off:
     the same LoRA (up to float summation order)."""
     s, be = _round(tmp_path, "ref", method, train_batch_size=2, chains_on="device")
-    init = be.lora_state()
+    init = be.lora_tensors()
     plan, m, ref = _train(s, be)
     moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 1e-4
@@ -126,7 +126,7 @@ def test_out_of_memory_keeps_the_lora_and_names_the_fix(tmp_path):
     s, be = _round(tmp_path, "oom", chains_on="device", train_batch_size=2)
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
-    before = be.lora_state()
+    before = be.lora_tensors()
     den, calls = be.denoiser(), [0]
 
     def failing(x, t, ab, idx):
@@ -140,7 +140,7 @@ def test_out_of_memory_keeps_the_lora_and_names_the_fix(tmp_path):
     msg = str(e.value)
     assert "policy.micro_batch 1 (now 2)" in msg and "policy.gradient_checkpointing true" in msg
     assert 'policy.chains_on "cpu" (saves' in msg and "marks are kept" in msg
-    after = be.lora_state()
+    after = be.lora_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert popt.config.train_batch_size == 2    # the session's settings are left as they were
     # with a probe, each setting says how much it saves

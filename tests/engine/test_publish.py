@@ -121,7 +121,7 @@ def test_session_card(trained_session):
                                        author="me")
     assert md["ss_sd_model_name"] == "v1-5-pruned-emaonly.safetensors"
     assert md["modelspec.author"] == "me" and "hero" in md["modelspec.tags"]
-    assert md["ss_num_train_images"] == str(s.labels_used) == "12"
+    assert md["ss_num_train_images"] == str(s.marks_used) == "12"
     assert md["ss_seed"] == "0" and md["ss_num_epochs"] == "2"
     tf = json.loads(md["ss_tag_frequency"])
     assert tf == {"hero_pub1": {"a red thing": 12}}

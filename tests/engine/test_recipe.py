@@ -81,9 +81,9 @@ def test_first_ppo_minibatch_is_unclipped(tmp_path):
     traj = loop.Trajectory(data["latents"].float(), data["log_probs"],
                            loop.DDIMSchedule(data["timesteps"], data["alpha_bars"]), data["eta"])
     n = len(traj)
-    cfg = s.config.policy
-    cfg.train_batch_size, cfg.grad_accum = n, 100   # one minibatch, no optimizer step before it
-    popt = PolicyOptimizer(be.lora_parameters(), cfg)
+    pconf = s.config.policy
+    pconf.train_batch_size, pconf.grad_accum = n, 100   # one minibatch, no optimizer step before it
+    popt = PolicyOptimizer(be.lora_parameters(), pconf)
     m = ppo_update(be.denoiser(), traj, torch.linspace(-1, 1, n), popt,
                    torch.Generator().manual_seed(0))
     assert m["clipfrac"] == 0.0 and abs(m["ratio"] - 1) < 1e-6
@@ -125,16 +125,16 @@ def test_hero_trains_on_every_marked_round_and_scores_extra_samples(tmp_path):
     be = tiny_backend()
     ev = evaluator()
     # the PPO variant of hero (the screened recipe with extras; hero's own update is rwr)
-    cfg = tiny_config(method="hero", extra_ratio=1.0, guided_policy=False, update="ppo")
-    s = Session.create(tmp_path / "h", cfg)
-    n = cfg.batch_size
+    config = tiny_config(method="hero", extra_ratio=1.0, guided_policy=False, update="ppo")
+    s = Session.create(tmp_path / "h", config)
+    n = config.batch_size
     seen = []
     for k in range(2):
         m = loop.run_round(s, be, query_fn(be, ev, s), inspect=seen.append)
         # the representation saw every mark so far; the update ran over batch + extra samples
         assert m["encoder_marks"] == n * (k + 1)
         assert m["extra_samples"] == n
-        bs, T = cfg.policy.train_batch_size, cfg.policy.timesteps_per_sample
+        bs, T = config.policy.train_batch_size, config.policy.timesteps_per_sample
         fresh = sum(1 for i in s.round_meta(k)["centre_ids"] if i == -1)   # round 1: all guided
         assert fresh == (n if k == 0 else 0)
         assert m["policy_backward_passes"] == ((fresh + n) // bs) * T
@@ -148,7 +148,7 @@ def test_hero_trains_on_every_marked_round_and_scores_extra_samples(tmp_path):
     p = Session.create(tmp_path / "p", tiny_config(method="hero-paper"))
     m = loop.run_round(p, be, query_fn(be, ev, p))
     assert m["encoder_marks"] == n and "extra_samples" not in m
-    assert m["policy_backward_passes"] == (n // cfg.policy.train_batch_size) * T
+    assert m["policy_backward_passes"] == (n // config.policy.train_batch_size) * T
 
 
 def test_extra_samples_are_reproducible_after_a_restart(tmp_path):
@@ -160,7 +160,7 @@ def test_extra_samples_are_reproducible_after_a_restart(tmp_path):
         be = tiny_backend()
         s = Session.create(tmp_path / name, tiny_config(method="hero", extra_ratio=1.0))
         loop.run_round(s, be, query_fn(be, evaluator(), s))
-        outs.append(be.lora_state())
+        outs.append(be.lora_tensors())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
@@ -179,10 +179,10 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     torch.set_num_threads(1)
     be = tiny_backend()
     ev = evaluator()
-    cfg = tiny_config(method="hero", fresh_ratio=0.5, extra_ratio=1.0, guided_policy=False,
-                      update="ppo")
-    s = Session.create(tmp_path / "g", cfg)
-    n = cfg.batch_size
+    config = tiny_config(method="hero", fresh_ratio=0.5, extra_ratio=1.0, guided_policy=False,
+                         update="ppo")
+    s = Session.create(tmp_path / "g", config)
+    n = config.batch_size
     loop.run_round(s, be, query_fn(be, ev, s))
     m = loop.run_round(s, be, query_fn(be, ev, s))            # round 1: half guided
     fresh = sum(1 for i in s.round_meta(1)["centre_ids"] if i == -1)
@@ -193,5 +193,5 @@ def test_guided_chains_teach_the_representation_not_the_policy(tmp_path):
     loop.run_round(p, be, query_fn(be, ev, p))
     m = loop.run_round(p, be, query_fn(be, ev, p))            # all guided, nothing extra
     assert "policy_chains" not in m
-    assert m["policy_backward_passes"] == (n // cfg.policy.train_batch_size) * \
-        cfg.policy.timesteps_per_sample
+    assert m["policy_backward_passes"] == (n // config.policy.train_batch_size) * \
+        config.policy.timesteps_per_sample

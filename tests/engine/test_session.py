@@ -23,20 +23,20 @@ def test_full_rounds_and_reopen(tmp_path):
     s = Session.create(tmp_path / "s1", tiny_config())
     be = tiny_backend()
     ev = evaluator()
-    before = be.lora_state()
+    before = be.lora_tensors()
     for _ in range(3):
         loop.run_round(s, be, query_fn(be, ev, s))
-    assert s.round == 3 and s.labels_used == 18 and s.done
+    assert s.round == 3 and s.marks_used == 18 and s.done
     assert len(s.history) == 3
     h = s.history[-1]
     for key in ("labels_used", "good_rate", "triplet_loss_first", "triplet_loss_last",
                 "reward_std", "policy_loss", "policy_optimizer_steps"):
         assert key in h
-    after = be.lora_state()
+    after = be.lora_tensors()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the LoRA moved
     # reopen: everything survives
     s2 = Session.open(tmp_path / "s1")
-    assert s2.round == 3 and s2.labels_used == 18 and s2.best == s.best
+    assert s2.round == 3 and s2.marks_used == 18 and s2.best == s.best
     st = s2.load_state()
     assert set(st) == {"lora", "policy_opt", "encoder", "best", "pool"}
     assert all(torch.equal(st["lora"][k], after[k]) for k in after)
@@ -90,7 +90,7 @@ def test_kill_during_training_and_resume(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     s = Session.open(killed)
-    assert s.round == 1 and s.labels_used == 6         # round 0 complete, round 1 not
+    assert s.round == 1 and s.marks_used == 6         # round 0 complete, round 1 not
     marks = s.marks_for(1)
     assert marks is not None and marks == Session.open(ref).marks_for(1)
     torch.set_num_threads(1)  # as the worker: bit-identical float reductions
@@ -166,6 +166,21 @@ def test_config_validation():
     assert c == tiny_config()
 
 
+def test_config_with_the_old_cfg_key_opens(tmp_path):
+    """Sessions written before the guidance scale was named ``guidance_scale`` stored it as
+    ``"cfg"``: they open with that scale, and new sessions write the new key."""
+    Session.create(tmp_path / "old", tiny_config(guidance_scale=5.0))
+    f = tmp_path / "old" / "session.json"
+    meta = json.loads(f.read_text())
+    assert "cfg" not in meta["config"] and meta["config"]["guidance_scale"] == 5.0
+    del meta["config"]["guidance_scale"]
+    meta["config"]["cfg"] = 7.5
+    f.write_text(json.dumps(meta))
+    s = Session.open(tmp_path / "old")
+    assert s.config.guidance_scale == 7.5
+    assert s.config.to_json()["guidance_scale"] == 7.5 and "cfg" not in s.config.to_json()
+
+
 def test_next_batch_eta_from_the_last_round(tmp_path):
     """The wait after Submit is the last round's training plus the last batch's generation,
     kept in session.json across a restart."""
@@ -182,8 +197,8 @@ def test_next_batch_eta_from_the_last_round(tmp_path):
     s.record_marks(b.round, marks)
     plan = loop.prepare_learning(s)
     popt = be.policy_optimizer(s)
-    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(cfg=1.0))
-    m = loop.complete_round(s, plan, be.lora_state(), popt)
+    loop.apply_policy_update(s, plan, be.denoiser(), popt, conditional=be.denoiser(guidance_scale=1.0))
+    m = loop.complete_round(s, plan, be.lora_tensors(), popt)
     eta = Session.open(s.path).next_batch_eta()
     assert eta["train_seconds"] == pytest.approx(m["train_seconds"], abs=1e-3)
     assert m["train_seconds"] >= m["policy_seconds"] > 0

@@ -58,7 +58,7 @@ def toy_session(path: Path, rounds: int):
     spec = ExperimentSpec(task="colour", rounds=rounds, batch_size=4, encoder_epochs=2,
                           ppo_timesteps=1, ppo_batch=4)
     toy, task, be = toy_backend(spec)
-    s = Session.create(path, toy_config(spec, 3, be.cfg))
+    s = Session.create(path, toy_config(spec, 3, be.guidance_scale))
     ev = SimulatedEvaluator(task.score, task.threshold, seed=0)
 
     def query(batch):
@@ -128,7 +128,7 @@ def test_concurrent_exports_and_summaries_during_20_commits(tmp_path):
     try:
         for r in range(rounds):
             loop.run_round(s, be, query)
-            digests[s.round] = lora_digest(be.lora_state())
+            digests[s.round] = lora_digest(be.lora_tensors())
             assert s.round == r + 1
             time.sleep(0.05)  # let the readers see every round
     finally:
@@ -145,7 +145,7 @@ def test_concurrent_exports_and_summaries_during_20_commits(tmp_path):
     assert p["counts"]["exports"] >= rounds // 2, p["counts"]
     # the session is whole: every round, every mark, and the newest export recorded
     final = Session.open(sdir)
-    assert final.round == rounds and final.labels_used == 4 * rounds
+    assert final.round == rounds and final.marks_used == 4 * rounds
     assert len(final.history) == rounds
     assert all(final.marks_for(k) is not None for k in range(rounds))
     newest = max(exports + p["exports"], key=lambda e: e["time"])
@@ -285,7 +285,7 @@ def test_repair_deleted_state_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "go back to state-0002" in out.stdout and "round 2 in progress" in out.stdout
     r = Session.open(s.path)
-    assert r.round == 2 and r.labels_used == 12 and len(r.history) == 2
+    assert r.round == 2 and r.marks_used == 12 and len(r.history) == 2
     assert r.marks_for(2) == marks2  # nothing marked is lost
     # round 2 trains again from its saved marks: the same LoRA as before the damage
     train_again(r)
@@ -314,7 +314,7 @@ def test_repair_truncated_state_file_and_session_json(tmp_path):
         Session.open(s.path)
     assert repair(s.path)["round"] == 1
     r = Session.open(s.path)
-    assert r.round == 1 and r.labels_used == 6 and r.marks_for(0) is not None
+    assert r.round == 1 and r.marks_used == 6 and r.marks_for(0) is not None
     # before the first commit: rebuilt from session.init.json
     t = Session.create(tmp_path / "young", tiny_config())
     (t.path / "session.json").unlink()
@@ -338,7 +338,7 @@ def test_repair_without_any_complete_state_archives_untrainable_rounds(tmp_path)
     rep = repair(s.path)
     assert rep["round"] == 0
     r = Session.open(s.path)
-    assert r.round == 0 and r.labels_used == 0 and r.state_dir is None
+    assert r.round == 0 and r.marks_used == 0 and r.state_dir is None
     # rounds 0 and 1 lost their trajectories (they were trained long ago): archived, marks kept
     arch = list((s.path / "rounds-archive").glob("*/0000/marks.json"))
     assert len(arch) == 1 and Marks.from_json(json.loads(arch[0].read_text()))
@@ -434,10 +434,10 @@ def test_disk_full_during_generation_and_training(tmp_path, monkeypatch):
     loop.apply_policy_update(s, plan, be.denoiser(), popt)
     budget["left"] = 200_000
     with pytest.raises(OSError, match="No space left"):
-        loop.complete_round(s, plan, be.lora_state(), popt)
+        loop.complete_round(s, plan, be.lora_tensors(), popt)
     r = Session.open(s.path)
     assert r.round == 1 and r.state_dir.name == "state-0001" and r.marks_for(1) is not None
     assert not list(s.path.glob(".state-*")) and not list(s.path.rglob("*.tmp"))
     budget["left"] = 10 ** 12
-    loop.complete_round(s, plan, be.lora_state(), popt)
+    loop.complete_round(s, plan, be.lora_tensors(), popt)
     assert Session.open(s.path).round == 2

@@ -148,7 +148,7 @@ def test_base_success_is_a_real_rate(model):
     from hero_engine.toy.measure import sample_images
 
     task = TASKS["colour"]
-    imgs = sample_images(model, task.prompt, 64, seed=2024, steps=4, cfg=task.cfg)
+    imgs = sample_images(model, task.prompt, 64, seed=2024, steps=4, guidance_scale=task.guidance_scale)
     rate = task.success(imgs, [task.prompt] * 64).float().mean().item()
     assert 0.0 < rate < 1.0
 

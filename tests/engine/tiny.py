@@ -35,7 +35,7 @@ def decode(x):
 def tiny_backend(seed=0):
     ac = torch.cumprod(1 - torch.linspace(0.00085, 0.012, 1000), 0)
     return DiffusersBackend(tiny_unet(seed), encode, decode, ac, (4, 8, 8), ["a red thing"],
-                            cfg=3.0, rank=2, alpha=2.0, family="toy")
+                            guidance_scale=3.0, rank=2, alpha=2.0, family="toy")
 
 
 def tiny_config(**kw):
@@ -72,6 +72,6 @@ def train_again(session):
     plan = loop.prepare_learning(session)
     popt = be.policy_optimizer(session)
     loop.apply_policy_update(session, plan, be.denoiser(), popt,
-                             conditional=be.denoiser(cfg=1.0))   # as run_round does
-    loop.complete_round(session, plan, be.lora_state(), popt)
+                             conditional=be.denoiser(guidance_scale=1.0))   # as run_round does
+    loop.complete_round(session, plan, be.lora_tensors(), popt)
     return be

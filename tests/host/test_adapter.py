@@ -26,10 +26,10 @@ def new_session(pack, root: Path, name="s1", batch=4, steps=3):
     S = pack.engine_session
     P = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.policy")
     R = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.representation")
-    cfg = S.HeroConfig(batch_size=batch, steps=steps, seed=3,
-                       policy=P.PolicyConfig(timesteps_per_sample=2, lr=1e-2),
-                       representation=R.RepresentationConfig(epochs=2))
-    return S.Session.create(root / name, cfg)
+    config = S.HeroConfig(batch_size=batch, steps=steps, seed=3,
+                          policy=P.PolicyConfig(timesteps_per_sample=2, lr=1e-2),
+                          representation=R.RepresentationConfig(epochs=2))
+    return S.Session.create(root / name, config)
 
 
 def gen(pack, mp, kind, s, **kw):
@@ -456,7 +456,7 @@ def test_ppo_ratio_is_one_through_comfyui(pack, dirs):
                                      copy_others=True)
             g = comfy.samplers.CFGGuider(tr)
             g.set_conds(b.positive, b.negative)
-            g.set_cfg(b.cfg)
+            g.set_cfg(b.guidance_scale)
             sig = comfy.samplers.calculate_sigmas(tr.get_model_object("model_sampling"),
                                                   "ddim_uniform", T)
             worst = []

@@ -81,10 +81,10 @@ def test_exported_lora_loads_in_diffusers_sd15(pack, dirs, comfy):
     P = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.policy")
     R = __import__("support.pack_import", fromlist=["x"]).import_pack_module("hero_engine.representation")
     # a high learning rate so the trained LoRA visibly changes the output
-    cfg = S.HeroConfig(batch_size=4, steps=2, seed=5, lora_rank=4, lora_alpha=2.0,
-                       policy=P.PolicyConfig(timesteps_per_sample=2, lr=5e-2),
-                       representation=R.RepresentationConfig(epochs=2))
-    s = S.Session.create(dirs["output"] / "dx", cfg)
+    config = S.HeroConfig(batch_size=4, steps=2, seed=5, lora_rank=4, lora_alpha=2.0,
+                          policy=P.PolicyConfig(timesteps_per_sample=2, lr=5e-2),
+                          representation=R.RepresentationConfig(epochs=2))
+    s = S.Session.create(dirs["output"] / "dx", config)
     pos, neg = make_conds("sd15")
     with torch.inference_mode():
         b = pack.host.generate(mp, pos, neg, TinyVAE(), s, width=64, height=64)

@@ -29,8 +29,8 @@ IMAGES = [{"filename": f"ComfyUI_temp_x_{i:05}_.png", "subfolder": "", "type": "
 
 
 def make_session(tmp_path, sid="s1", n=N, budget=40):
-    cfg = sess_mod.HeroConfig(batch_size=n, budget=budget)
-    s = sess_mod.Session.create(tmp_path / sid, cfg)
+    config = sess_mod.HeroConfig(batch_size=n, budget=budget)
+    s = sess_mod.Session.create(tmp_path / sid, config)
     sess_mod.atomic_write_json(s.round_dir(0) / "meta.json", {"size": n})
     return s
 

@@ -234,11 +234,11 @@ def test_session_node_repair_option(pack, dirs):
     for _ in range(2):
         mark_and_train(pack, mp, s, gen(pack, mp, "sd15", s))
     shutil.rmtree(s.path / "state-0002")
-    cfg = pack.engine_session.HeroConfig()
+    config = pack.engine_session.HeroConfig()
     with pytest.raises(pack.engine_session.SessionDamaged,
                        match=r"state-0002 .* is missing.*state-0001.*'repair' option"):
-        pack.nodes.open_session("rep", cfg)
-    s2, created, _ = pack.nodes.open_session("rep", cfg, repair=True)
+        pack.nodes.open_session("rep", config)
+    s2, created, _ = pack.nodes.open_session("rep", config, repair=True)
     assert not created and s2.round == 1 and s2.marks_for(1) is not None
     # round 1 trains again from its saved marks: HERO Generate re-uses the stored batch
     b = gen(pack, mp, "sd15", s2)
@@ -251,5 +251,5 @@ def test_session_node_repair_option(pack, dirs):
     # a folder with a session's remains but no session.json is not silently replaced
     (s.path / "session.json").unlink()
     with pytest.raises(pack.engine_session.SessionDamaged, match="missing file"):
-        pack.nodes.open_session("rep", cfg)
-    assert pack.nodes.open_session("rep", cfg, repair=True)[0].round == 2
+        pack.nodes.open_session("rep", config)
+    assert pack.nodes.open_session("rep", config, repair=True)[0].round == 2

@@ -5,16 +5,16 @@ import torch
 
 
 def _unet_config(sdxl: bool) -> dict:
-    cfg = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
-               num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
-               transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
-               num_heads=2, num_head_channels=-1, use_linear_in_transformer=sdxl,
-               use_spatial_transformer=True, legacy=False, adm_in_channels=2816 if sdxl else None,
-               use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32)
+    unet_config = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
+                       num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                       transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
+                       num_heads=2, num_head_channels=-1, use_linear_in_transformer=sdxl,
+                       use_spatial_transformer=True, legacy=False, adm_in_channels=2816 if sdxl else None,
+                       use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32)
     if sdxl:
         # BASE.unet_extra_config forces num_head_channels=64 for SDXL: 64 channels -> 1-2 heads
-        cfg.update(num_classes="sequential", model_channels=64)
-    return cfg
+        unet_config.update(num_classes="sequential", model_channels=64)
+    return unet_config
 
 
 def make_model(kind: str = "sd15", seed: int = 0, model_type=None):

@@ -97,14 +97,14 @@ import comfy.ops, comfy.sd1_clip
 from comfy.taesd.taesd import TAESD
 from safetensors.torch import save_file
 torch.manual_seed(int(sys.argv[3]))
-cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-           channel_mult=[1], transformer_depth=[1],
-           transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
-           num_heads=8, num_head_channels=-1, use_linear_in_transformer=False,
-           use_spatial_transformer=True, legacy=False, adm_in_channels=None,
-           use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32,
-           operations=comfy.ops.manual_cast)
-unet = UNetModel(**cfg)
+unet_config = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                   channel_mult=[1], transformer_depth=[1],
+                   transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+                   num_heads=8, num_head_channels=-1, use_linear_in_transformer=False,
+                   use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+                   use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32,
+                   operations=comfy.ops.manual_cast)
+unet = UNetModel(**unet_config)
 def rand_like(k, v):
     if not v.is_floating_point():
         return v

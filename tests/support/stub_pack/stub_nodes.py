@@ -37,17 +37,17 @@ class HERO_TestBatch(io.ComfyNode):
         n = int(images.shape[0])
         path = Path(folder_paths.get_output_directory()) / "hero" / session_id
         s = S.Session.open_or_create(path, S.HeroConfig(batch_size=n, budget=budget))
-        k = s.round
-        d = s.round_dir(k)
+        round_idx = s.round
+        d = s.round_dir(round_idx)
         if not (d / "meta.json").exists():
             arr = (images.clamp(0, 1) * 255).round().byte().cpu().numpy()
             from PIL import Image
             (d / "images").mkdir(parents=True, exist_ok=True)
             for i, a in enumerate(arr):
-                Image.fromarray(a).save(s.image_path(k, i))
+                Image.fromarray(a).save(s.image_path(round_idx, i))
             S.atomic_torch_save(d / "generated.pt", {})
             S.atomic_write_json(d / "meta.json", {"size": n})
-        return io.NodeOutput(StubBatch(s, k, n))
+        return io.NodeOutput(StubBatch(s, round_idx, n))
 
 
 class HERO_TestFinish(io.ComfyNode):
@@ -63,12 +63,13 @@ class HERO_TestFinish(io.ComfyNode):
 
     @classmethod
     def execute(cls, feedback):
-        s, k, m = feedback.session, feedback.round, feedback.marks
+        s, round_idx, m = feedback.session, feedback.round, feedback.marks
         n = len(m.good) + len(m.bad)
-        best = S.BestRecord(k, m.best) if m.best is not None else s.best
-        s.complete_round(k, {}, {"round": k, "labels": m.count, "good": len(m.good),
-                                 "good_rate": len(m.good) / n}, best, m.count)
-        return io.NodeOutput(ui={"text": [f"round {k} done"]})
+        best = S.BestRecord(round_idx, m.best) if m.best is not None else s.best
+        s.complete_round(round_idx, {}, {"round": round_idx, "labels": m.num_marked,
+                                         "good": len(m.good), "good_rate": len(m.good) / n},
+                         best, m.num_marked)
+        return io.NodeOutput(ui={"text": [f"round {round_idx} done"]})
 
 
 class _Ext(ComfyExtension):
