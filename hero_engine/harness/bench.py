@@ -474,7 +474,8 @@ def main(argv: list[str]) -> int:
     workers = a.workers or (1 if device != "cpu" else min(len(specs), os.cpu_count() or 1))
     t0 = time.time()
     results = run_all(specs, out / "runs", device, workers, a.threads, a.keep_sessions)
-    meta = {"seeds": len(seeds), "eval_n": a.eval_n, "eval_n_mid": a.eval_n_mid, "batch_size": a.batch_size,
+    meta = {"seeds": len(seeds), "eval_n": a.eval_n, "eval_n_mid": a.eval_n_mid,
+            "batch_size": a.batch_size,
             "budget": rounds * a.batch_size, "steps": a.steps, "ppo_timesteps": a.ppo_timesteps,
             "encoder_epochs": a.encoder_epochs, "flip_rates": flips,
             "fresh_ratio": a.fresh_ratio,

@@ -91,8 +91,8 @@ def toy_backend(spec: ExperimentSpec, device="cpu"):
                          f"--prompt with --evaluator")
     scale = spec.guidance_scale if spec.guidance_scale is not None else toy.default_guidance_scale
     be = DiffusersBackend(toy.unet, toy.encode_prompts, toy.decode, toy.alphas_cumprod,
-                          toy.latent_shape, [prompt], guidance_scale=scale, rank=4, alpha=4.0, family="toy",
-                          device=device, lora_seed=spec.seed,
+                          toy.latent_shape, [prompt], guidance_scale=scale, rank=4, alpha=4.0,
+                          family="toy", device=device, lora_seed=spec.seed,
                           targets=LORA_TARGETS[HeroConfig(method=spec.method, **{
                               k: v for k, v in spec.hero.items() if "." not in k}).lora_targets])
     return toy, task, be
@@ -177,7 +177,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
         import shutil
         shutil.rmtree(sess_dir)
     t_start, cpu_start, eval_seconds = time.time(), time.process_time(), [0.0]
-    session = Session.create(sess_dir, toy_config(spec, steps, be.guidance_scale), info={"task": spec.task, "prompt": prompt})
+    session = Session.create(sess_dir, toy_config(spec, steps, be.guidance_scale),
+                             info={"task": spec.task, "prompt": prompt})
     ev = SimulatedEvaluator(score_fn, threshold, flip_rate=spec.flip_rate, seed=spec.seed)
 
     def measure(label: str, n: int) -> dict:
