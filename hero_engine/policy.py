@@ -52,6 +52,7 @@ class PolicyConfig:
                               # train_batch_size x grad_accum marked images (denoising.py)
     denoise_fraction: float = 0.5  # update "rwr": the noisiest share of the schedule's steps
                                    # trained (1: all; 0.5: the upper half, content not grain)
+    lr_schedule: str = "constant"  # "cosine": each round's update decays lr to 0 (cosine)
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     d3po_beta: float = 0.1
@@ -69,6 +70,9 @@ class PolicyConfig:
                              f"{self.mixed_precision!r}")
         if self.chains_on not in ("cpu", "device"):
             raise ValueError(f"chains_on must be 'cpu' or 'device', got {self.chains_on!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got "
+                             f"{self.lr_schedule!r}")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be 0 (auto) or more, got {self.micro_batch}")
         return self
@@ -134,6 +138,14 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
     popt.opt.zero_grad(set_to_none=True)
     stats: dict[str, list[float]] = {}
     steps = 0
+    n_steps = -(-n_backward // per_step)
+
+    def set_lr(k: int) -> None:
+        """lr_k = lr (constant) or lr * (1 + cos(pi * k / K)) / 2 for step k of K (cosine)."""
+        f = 1.0 if config.lr_schedule == "constant" else (1 + math.cos(math.pi * k / n_steps)) / 2
+        for g in popt.opt.param_groups:
+            g["lr"] = config.lr * f
+
     try:
         for j in range(n_backward):
             out = backward_fn(j)
@@ -146,6 +158,7 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
                 norm = torch.nn.utils.clip_grad_norm_(popt.params, config.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise UpdateRejected("policy gradient became NaN/inf")
+                set_lr(steps)
                 popt.opt.step()
                 popt.opt.zero_grad(set_to_none=True)
                 steps += 1
@@ -160,6 +173,8 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
         raise UpdateRejected(f"{e}; the update was rejected and the previous LoRA kept. "
                              f"Lower the learning rate (now {config.lr:g}) or use fp32 training, "
                              f"then train the round again (its marks are saved).") from None
+    finally:
+        set_lr(0)
     res = {k: sum(v) / len(v) for k, v in stats.items()}
     res["optimizer_steps"] = steps
     res["backward_passes"] = n_backward

@@ -123,3 +123,30 @@ def test_lora_targets_setting_and_old_sessions():
     assert HeroConfig(method="ddpo-binary").update == "ppo"
     assert HeroConfig(method="rwr-binary").update == "rwr"
     assert not HeroConfig(method="rwr-binary").uses_encoder
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_sets_each_steps_learning_rate_and_restores_it(schedule):
+    """cosine: lr_k = lr (1 + cos(pi k / K)) / 2 over a round's K steps; constant: lr throughout;
+    either way the optimizer holds lr again afterwards (a saved state starts the next round at lr)."""
+    import math
+    be = tiny_backend()
+    sched = be.schedule(4)
+    popt = PolicyOptimizer(be.lora_parameters(),
+                           PolicyConfig(lr=2e-3, train_batch_size=2, lr_schedule=schedule).validate())
+    seen, step = [], popt.opt.step
+
+    def record(*a, **k):
+        seen.append(popt.opt.param_groups[0]["lr"])
+        return step(*a, **k)
+    popt.opt.step = record
+    x0 = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(2)) * 0.5
+    m = denoise_update(be.denoiser(guidance_scale=1.0), x0, torch.ones(3), sched, popt,
+                       torch.Generator().manual_seed(0), steps=8, samples_per_step=4)
+    assert m["optimizer_steps"] == 8
+    want = [2e-3 * (1 if schedule == "constant" else (1 + math.cos(math.pi * k / 8)) / 2)
+            for k in range(8)]
+    assert seen == pytest.approx(want)
+    assert popt.opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
+        PolicyConfig(lr_schedule="linear").validate()
