@@ -140,6 +140,8 @@ def _optimizer_loop(popt: PolicyOptimizer, n_backward: int, per_step: int,
     steps = 0
     n_steps = -(-n_backward // per_step)
 
+    # not torch.optim.lr_scheduler: its schedulers keep their own state and write "initial_lr"
+    # into the param groups, which a saved and restored optimizer state would carry across rounds
     def set_lr(k: int) -> None:
         """lr_k = lr (constant) or lr * (1 + cos(pi * k / K)) / 2 for step k of K (cosine)."""
         f = 1.0 if config.lr_schedule == "constant" else (1 + math.cos(math.pi * k / n_steps)) / 2
