@@ -3,7 +3,6 @@ diffusers SD pipeline's UNet). The ComfyUI backend lives in ``nodes/host.py``.""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -91,16 +90,10 @@ class DiffusersBackend:
     def load_session(self, session: Session) -> None:
         self.load_lora_tensors(session.load_state(("lora",)).get("lora"))
 
-    def policy_optimizer(self, session: Session, state: Optional[dict] = None,
-                         lr_scale: float = 1.0) -> PolicyOptimizer:
-        """AdamW over the LoRA with the session's optimizer state (``state``: the learned state to
-        start from, default the session's) at ``lr_scale`` times the configured rate."""
-        pcfg = session.config.policy
-        if lr_scale != 1.0:
-            pcfg = dataclasses.replace(pcfg, lr=pcfg.lr * lr_scale)
-        popt = PolicyOptimizer(self.lora_parameters(), pcfg)
-        st = session.load_state(("policy_opt",)) if state is None else state
-        if st.get("policy_opt") is not None:
+    def policy_optimizer(self, session: Session) -> PolicyOptimizer:
+        popt = PolicyOptimizer(self.lora_parameters(), session.config.policy)
+        st = session.load_state()
+        if "policy_opt" in st:
             popt.load_state_dict(st["policy_opt"])
         return popt
 

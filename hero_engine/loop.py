@@ -31,7 +31,6 @@ from .denoising import denoise_update, denoising_loss
 from .memory import GiB, UpdateOutOfMemory, is_oom, oom_advice, resolve_micro_batch
 from .policy import PolicyOptimizer, _autocast, d3po_update, ppo_update
 from .representation import RepresentationTrainer
-from .revert import update_start
 from .reward import (advantages, binary_reward, denoising_weights, mark_anchored_reward,
                      similarity_reward, similarity_to_positives)
 from .sampling import DDIMSchedule, Denoiser, Trajectory, sample_with_logprob, trajectory_log_prob
@@ -439,16 +438,13 @@ def _policy_update(session: Session, plan: LearnPlan, denoiser: Denoiser, popt: 
 
 
 def complete_round(session: Session, plan: LearnPlan, lora: "LoraState | dict",
-                   popt: PolicyOptimizer, extra_metrics: Optional[dict] = None,
-                   anchor: Optional[dict] = None) -> dict:
+                   popt: PolicyOptimizer, extra_metrics: Optional[dict] = None) -> dict:
     """Step 7-8: commit LoRA (a LoraState or its ``to_tensors()`` form), optimizers, encoder,
-    best record, noise pool and the mark check's anchor (revert.py) atomically."""
+    best record and noise pool atomically."""
     state = {"lora": session_tensors(lora),
              "policy_opt": popt.state_dict(),
              "best": {"feature": plan.best_feature.cpu(), "noise": plan.best_noise.cpu()},
              "pool": plan.pool.cpu()}
-    if anchor is not None:
-        state["anchor"] = anchor
     if plan.encoder is not None:
         state["encoder"] = plan.encoder.state_dict()
     metrics = {**plan.metrics, **(extra_metrics or {}), "time": time.time(),
@@ -476,12 +472,7 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     session.record_marks(batch.round, marks)
     t1 = time.time()
     plan = prepare_learning(session, backend.device, best_score=best_score, progress=progress)
-    start = update_start(session.config, session.load_state(("lora", "policy_opt", "anchor")),
-                         plan.marks, session.history)
-    if start.reverted:
-        backend.load_lora_tensors(start.lora)
-    plan.metrics.update(start.metrics)
-    popt = backend.policy_optimizer(session, {"policy_opt": start.policy_opt}, start.lr_scale)
+    popt = backend.policy_optimizer(session)
     modes = getattr(backend, "training", None)
     with (modes(session.config.policy) if modes else contextlib.nullcontext()):
         apply_policy_update(session, plan, backend.denoiser(), popt, progress,
@@ -489,5 +480,4 @@ def run_round(session: Session, backend, query: Callable[[RoundBatch], tuple[Mar
     if inspect is not None:
         inspect(plan)
     return complete_round(session, plan, backend.lora_tensors(), popt,
-                          {"generate_seconds": t1 - t0, "round_seconds": time.time() - t0},
-                          anchor=start.anchor)
+                          {"generate_seconds": t1 - t0, "round_seconds": time.time() - t0})

@@ -58,7 +58,7 @@ __all__ = ["HeroConfig", "Session", "SessionError", "SessionDamaged", "FORMAT_VE
 FORMAT_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATE_RE = re.compile(r"^state-(\d{4,})$")
-STATE_FILES = ("lora", "policy_opt", "encoder", "best", "pool", "anchor")
+STATE_FILES = ("lora", "policy_opt", "encoder", "best", "pool")
 LOCK_NAME = ".lock"
 COMMIT_LOCK_NAME = ".commit.lock"
 MANIFEST = "state.json"
@@ -165,10 +165,6 @@ class HeroConfig:
     update: Optional[str] = None
     mark_credit: float = 0.25       # "marks+similarity": the within-class credit's range [0, c)
     extra_neighbours: int = 8       # marked neighbours that score an extra sample (k of the kNN)
-    # not in HERO (revert.py): the next round's marks judge each update; a fall of the good share
-    # with z > revert_z restarts the update from the LoRA before it at lr * revert_damping^reverts
-    revert_z: float = 0.0           # 0: off
-    revert_damping: float = 0.5
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
 
@@ -220,10 +216,6 @@ class HeroConfig:
         if not 0 <= self.mark_credit < 1:
             raise ValueError("mark_credit must lie in [0, 1) so that no bad image outranks a "
                              "good one")
-        if self.revert_z < 0:
-            raise ValueError(f"revert_z must be 0 (off) or more, got {self.revert_z}")
-        if not 0 < self.revert_damping <= 1:
-            raise ValueError(f"revert_damping must lie in (0, 1], got {self.revert_damping}")
         if self.lora_rank < 1:
             raise ValueError("lora_rank must be at least 1")
         if not 0 <= self.beta <= 1 or not 0 <= self.epsilon <= 1:
