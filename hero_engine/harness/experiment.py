@@ -238,7 +238,11 @@ def run_experiment(spec: ExperimentSpec, out_dir: Path, device="cpu",
                  "reward_std": m.get("reward_std"), "success": None, "diversity": None,
                  "session_success": None, "bad_above_mean": m.get("bad_above_mean"),
                  "clipfrac": m.get("policy_clipfrac"),
-                 "extra_label_accuracy": m.get("extra_label_accuracy")}
+                 "extra_label_accuracy": m.get("extra_label_accuracy"),
+                 # the unmarked fresh-noise samples: the share the representation calls good,
+                 # and the true share
+                 "extra_predicted_good": m.get("extra_predicted_good"),
+                 "extra_true_good": m.get("extra_true_good")}
         if do_eval:
             n = spec.eval_n if final else (spec.eval_n_mid or spec.eval_n)
             last = measure(f"round {round_idx}", n)
