@@ -231,3 +231,31 @@ def test_report_of_a_protocol_run_in_parts(tmp_path):
     assert "**Simulated person: flips 10%**" in md
     with pytest.raises(SystemExit, match="bench.json"):
         report(str(tmp_path / "nope.json"), tmp_path / "x")
+
+
+def test_extra_samples_are_checked_against_the_truth(tmp_path):
+    """With extra samples the bench records, per round, the share the representation calls good
+    and the true share of those unmarked samples, as the evaluator scores them."""
+    import torch
+    from hero_engine.harness.experiment import ExperimentSpec, run_experiment
+    from hero_engine.toy.tasks import TASKS
+    torch.set_num_threads(1)
+    task = TASKS["colour"]
+    extras = []
+
+    def score(images, prompts):
+        s = task.score(images, prompts)
+        if len(images) == 8:          # the 2 x 4 extra samples (batches have 4, evaluations 6)
+            extras.append((s >= task.threshold).float().mean().item())
+        return s
+
+    spec = ExperimentSpec(task="colour", method="hero", rounds=2, batch_size=4, seed=0, eval_n=6,
+                          steps=3, lr=1e-3, encoder_epochs=5, encoder_lr=1e-4, score_fn=score,
+                          threshold=task.threshold, hero={"extra_ratio": 2.0,
+                                                          "policy.denoise_steps": 2})
+    res = run_experiment(spec, tmp_path, save_grids=False, log=lambda s: None)
+    points = res["curve"][1:]
+    assert [p["extra_true_good"] for p in points] == pytest.approx(extras) and len(extras) == 2
+    assert all(0 <= p["extra_predicted_good"] <= 1 and 0 <= p["extra_label_accuracy"] <= 1
+               for p in points)
+    assert res["curve"][0].get("extra_true_good") is None
